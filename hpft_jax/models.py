@@ -1,0 +1,286 @@
+"""Flax linen backbones f(x; B) and heads g(z; v) (Sec. 3.1 of the paper).
+
+Every backbone is a chain ``stem -> blocks[0..n) -> pool`` and can run any
+contiguous slice of it::
+
+    backbone(x, train=...)                      # (N, ...) -> z: (N, h)
+    backbone(x, train=..., stop=s)              # stem + blocks[:s]
+    backbone(h, train=..., start=s)             # blocks[s:] + pool
+
+which is what head probing with a *partial backbone* needs: the last k blocks
+are re-initialised and trained with the head, the first n-k stay frozen, and
+the parameter tree is exactly the pretrained one (Sec. 5.3, Table 3).
+
+:class:`Classifier` returns ``(logits, z)``, where ``z`` is the head's input
+(the penultimate features), as big_vision does with its ``aux`` output.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+# --------------------------------------------------------------------------
+# MLP backbone: the paper's toy model (B.1), 4 x Dense(128) + ReLU.
+
+
+class MLPBackbone(nn.Module):
+    """Flatten, then ``depth`` Dense+ReLU blocks. z: (N, width)."""
+
+    width: int = 128
+    depth: int = 4
+    dtype: Dtype = jnp.float32
+
+    @property
+    def num_blocks(self) -> int:
+        return self.depth
+
+    def block_name(self, i: int) -> str:
+        return f"dense{i}"
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False, start: int = 0,
+                 stop: int | None = None):
+        del train  # no normalisation layers
+        stop = self.depth if stop is None else stop
+        h = x.reshape(x.shape[0], -1) if start == 0 else x
+        h = h.astype(self.dtype)
+        for i in range(start, stop):
+            h = nn.relu(nn.Dense(self.width, dtype=self.dtype,
+                                 name=self.block_name(i))(h))
+        return h
+
+
+# --------------------------------------------------------------------------
+# ResNets (He et al. 2016), after flax/examples/imagenet.
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs; ResNet18/34."""
+
+    filters: int
+    strides: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                                 momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+        y = conv(self.filters, (3, 3), (self.strides, self.strides))(x)
+        y = nn.relu(norm()(y))
+        y = conv(self.filters, (3, 3))(y)
+        y = norm()(y)
+        if x.shape != y.shape:
+            x = conv(self.filters, (1, 1), (self.strides, self.strides),
+                     name="proj_conv")(x)
+            x = norm(name="proj_bn")(x)
+        return nn.relu(x + y)
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 -> 3x3 -> 1x1 (x4 expansion); ResNet50."""
+
+    filters: int
+    strides: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                                 momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+        y = nn.relu(norm()(conv(self.filters, (1, 1))(x)))
+        y = nn.relu(norm()(conv(self.filters, (3, 3),
+                                (self.strides, self.strides))(y)))
+        y = norm()(conv(self.filters * 4, (1, 1))(y))
+        if x.shape != y.shape:
+            x = conv(self.filters * 4, (1, 1), (self.strides, self.strides),
+                     name="proj_conv")(x)
+            x = norm(name="proj_bn")(x)
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """ResNet backbone; z: (N, C) after global average pooling.
+
+    Blocks are named ``layer{stage}_{index}`` counting from 1, so the paper's
+    L4.3 of ResNet50 is ``layer4_3`` and ``reinit_blocks=3`` re-initialises
+    L4.1, L4.2 and L4.3.
+    """
+
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    block_cls: Callable[..., nn.Module] = BasicBlock
+    width: int = 64
+    stem: str = "cifar"  # cifar: 3x3 conv, no max-pool; imagenet: 7x7/2 + pool
+    dtype: Dtype = jnp.float32
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.stage_sizes)
+
+    def _layout(self) -> list[tuple[int, int, int]]:
+        """(stage, index-in-stage, strides) for every block, in order."""
+        out = []
+        for s, size in enumerate(self.stage_sizes):
+            for j in range(size):
+                out.append((s, j, 2 if (s > 0 and j == 0) else 1))
+        return out
+
+    def block_name(self, i: int) -> str:
+        s, j, _ = self._layout()[i]
+        return f"layer{s + 1}_{j + 1}"
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False, start: int = 0,
+                 stop: int | None = None):
+        if self.stem not in ("cifar", "imagenet"):
+            raise ValueError(f"stem must be 'cifar' or 'imagenet'; got {self.stem!r}")
+        n = self.num_blocks
+        stop = n if stop is None else stop
+        h = x.astype(self.dtype)
+        if start == 0:
+            if h.ndim != 4:
+                raise ValueError(
+                    f"ResNet expects images (N, H, W, C); got shape {x.shape}")
+            if self.stem == "cifar":
+                h = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype,
+                            name="stem_conv")(h)
+            else:
+                h = nn.Conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
+                            use_bias=False, dtype=self.dtype, name="stem_conv")(h)
+            h = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype, name="stem_bn")(h)
+            h = nn.relu(h)
+            if self.stem == "imagenet":
+                h = nn.max_pool(h, (3, 3), strides=(2, 2), padding="SAME")
+        layout = self._layout()
+        for i in range(start, stop):
+            s, _, strides = layout[i]
+            h = self.block_cls(filters=self.width * 2**s, strides=strides,
+                               dtype=self.dtype, name=self.block_name(i))(
+                                   h, train=train)
+        if stop == n:
+            h = jnp.mean(h, axis=(1, 2))
+        return h
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
+# For tests only: two stages of one block each, narrow.
+ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1), block_cls=BasicBlock, width=8)
+
+
+# --------------------------------------------------------------------------
+# Heads
+
+
+class LinearHead(nn.Module):
+    """q = W z + b; (N, h) -> (N, K)."""
+
+    num_classes: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z, *, train: bool = False):
+        del train
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="out")(z)
+
+
+class MLPHead(nn.Module):
+    """``depth`` Dense layers, ReLU between; (N, h) -> (N, K)."""
+
+    num_classes: int
+    hidden: int = 256
+    depth: int = 2
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z, *, train: bool = False):
+        del train
+        h = z
+        for i in range(self.depth - 1):
+            h = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name=f"hidden{i}")(h))
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="out")(h)
+
+
+# --------------------------------------------------------------------------
+# Backbone + head
+
+
+class Classifier(nn.Module):
+    """``apply(vars, x, train=...) -> (logits (N, K), z (N, h))``.
+
+    Parameters live under ``params/backbone`` and ``params/head``; BatchNorm
+    statistics under ``batch_stats/backbone``.
+    """
+
+    backbone: nn.Module
+    head: nn.Module
+
+    def __call__(self, x, *, train: bool = False):
+        z = self.backbone(x, train=train)
+        return self.head(z, train=train), z
+
+    def trunk(self, x, *, split: int, train: bool = False):
+        """The frozen part under a partial backbone: stem + blocks[:split]."""
+        return self.backbone(x, train=train, stop=split)
+
+    def top(self, h, *, split: int, train: bool = False):
+        """blocks[split:] + head, from the trunk's output: (logits, z)."""
+        z = self.backbone(h, train=train, start=split)
+        return self.head(z, train=train), z
+
+
+# --------------------------------------------------------------------------
+# Construction by name (the CLI's entry point)
+
+BACKBONES = {
+    "mlp": MLPBackbone,
+    "resnet18": ResNet18,
+    "resnet34": ResNet34,
+    "resnet50": ResNet50,
+    "resnet_tiny": ResNetTiny,
+}
+
+
+def make_backbone(name: str, *, width: int | None = None, depth: int | None = None,
+                  stem: str = "cifar", dtype: Dtype = jnp.float32) -> nn.Module:
+    """Backbone by name; ``width`` overrides the default width."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
+    kw: dict[str, Any] = {"dtype": dtype}
+    if name == "mlp":
+        if width is not None:
+            kw["width"] = width
+        if depth is not None:
+            kw["depth"] = depth
+    else:
+        kw["stem"] = stem
+        if width is not None:
+            kw["width"] = width
+    return BACKBONES[name](**kw)
+
+
+def make_classifier(cfg, num_classes: int) -> Classifier:
+    """A :class:`Classifier` from a :class:`hpft_jax.config.ModelConfig`."""
+    dtype = jnp.dtype(cfg.dtype)
+    backbone = make_backbone(cfg.backbone, width=cfg.width, depth=cfg.depth,
+                             stem=cfg.stem, dtype=dtype)
+    if cfg.reinit_blocks > backbone.num_blocks:
+        raise ValueError(
+            f"reinit_blocks={cfg.reinit_blocks} but {cfg.backbone} has only "
+            f"{backbone.num_blocks} blocks")
+    if cfg.head == "linear":
+        head = LinearHead(num_classes, dtype=dtype)
+    else:
+        head = MLPHead(num_classes, hidden=cfg.head_hidden, depth=cfg.head_depth,
+                       dtype=dtype)
+    return Classifier(backbone=backbone, head=head)
