@@ -5,7 +5,11 @@ contiguous slice of it::
 
     backbone(x, train=...)                      # (N, ...) -> z: (N, h)
     backbone(x, train=..., stop=s)              # stem + blocks[:s]
-    backbone(h, train=..., start=s)             # blocks[s:] + pool
+    backbone(h, train=..., start=s)             # blocks[s:] + pool, h from above
+
+``start=None`` (the default) means raw input: the stem runs first. With an
+integer ``start`` the input is the output of block ``start - 1`` (the stem's
+output for ``start = 0``) and the stem is skipped.
 
 which is what head probing with a *partial backbone* needs: the last k blocks
 are re-initialised and trained with the head, the first n-k stay frozen, and
@@ -45,13 +49,13 @@ class MLPBackbone(nn.Module):
         return f"dense{i}"
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False, start: int = 0,
+    def __call__(self, x, *, train: bool = False, start: int | None = None,
                  stop: int | None = None):
         del train  # no normalisation layers
         stop = self.depth if stop is None else stop
-        h = x.reshape(x.shape[0], -1) if start == 0 else x
+        h = x.reshape(x.shape[0], -1) if start is None else x  # stem: flatten
         h = h.astype(self.dtype)
-        for i in range(start, stop):
+        for i in range(start or 0, stop):
             h = nn.relu(nn.Dense(self.width, dtype=self.dtype,
                                  name=self.block_name(i))(h))
         return h
@@ -138,14 +142,14 @@ class ResNet(nn.Module):
         return f"layer{s + 1}_{j + 1}"
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False, start: int = 0,
+    def __call__(self, x, *, train: bool = False, start: int | None = None,
                  stop: int | None = None):
         if self.stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem must be 'cifar' or 'imagenet'; got {self.stem!r}")
         n = self.num_blocks
         stop = n if stop is None else stop
         h = x.astype(self.dtype)
-        if start == 0:
+        if start is None:
             if h.ndim != 4:
                 raise ValueError(
                     f"ResNet expects images (N, H, W, C); got shape {x.shape}")
@@ -161,12 +165,12 @@ class ResNet(nn.Module):
             if self.stem == "imagenet":
                 h = nn.max_pool(h, (3, 3), strides=(2, 2), padding="SAME")
         layout = self._layout()
-        for i in range(start, stop):
+        for i in range(start or 0, stop):
             s, _, strides = layout[i]
             h = self.block_cls(filters=self.width * 2**s, strides=strides,
                                dtype=self.dtype, name=self.block_name(i))(
                                    h, train=train)
-        if stop == n:
+        if stop == n and (start is None or start < n):  # start == n: h is pooled already
             h = jnp.mean(h, axis=(1, 2))
         return h
 

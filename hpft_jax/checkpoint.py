@@ -1,0 +1,112 @@
+"""Orbax checkpoints with clear errors.
+
+Two uses:
+
+* :func:`save_tree` / :func:`load_tree`: one pytree plus a JSON meta file in a
+  directory (the pretrained backbone, HP snapshots). Writes are atomic: orbax
+  commits into a temporary directory and renames it.
+* :class:`EpochCheckpointer`: the latest training state of a loop, keyed by
+  epoch, so an interrupted FT resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or unreadable."""
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def exists(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "meta.json")) and os.path.isdir(
+        os.path.join(path, "tree"))
+
+
+def save_tree(path: str, tree: Any, meta: dict) -> None:
+    """Write ``tree`` (arrays) and ``meta`` (JSON) under ``path``; replaces it."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.makedirs(path)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(path, "tree"), tree)
+    ckptr.wait_until_finished()
+    ckptr.close()
+    # meta.json last: its presence marks a complete checkpoint.
+    with open(os.path.join(path, "meta.json.tmp"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    os.replace(os.path.join(path, "meta.json.tmp"), os.path.join(path, "meta.json"))
+
+
+def load_tree(path: str, like: Any | None = None) -> tuple[Any, dict]:
+    """Read a :func:`save_tree` checkpoint; ``like`` fixes the structure.
+
+    Without ``like`` the tree comes back as saved (used to diagnose a
+    mismatch key by key). Missing or corrupt checkpoints raise
+    :class:`CheckpointError` naming the path.
+    """
+    path = os.path.abspath(path)
+    if not exists(path):
+        raise CheckpointError(
+            f"no complete checkpoint at {path} (missing meta.json or tree/); "
+            "it may have been interrupted while writing - delete it and rerun")
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        ckptr = ocp.StandardCheckpointer()
+        target = os.path.join(path, "tree")
+        tree = ckptr.restore(target) if like is None else ckptr.restore(target, _abstract(like))
+        ckptr.close()
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax raises many types for corrupt data
+        raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
+    return tree, meta
+
+
+class EpochCheckpointer:
+    """The latest ``(state, meta)`` of a loop, keyed by epoch (keeps 1)."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self._mgr = ocp.CheckpointManager(
+            self.path, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+    def latest(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def save(self, epoch: int, state: Any, meta: dict) -> None:
+        self._mgr.save(epoch, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+    def restore(self, like: Any) -> tuple[int, Any, dict] | None:
+        """``(epoch, state, meta)`` of the latest checkpoint, or None."""
+        step = self._mgr.latest_step()
+        if step is None:
+            return None
+        try:
+            out = self._mgr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(like)),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise CheckpointError(
+                f"could not restore {self.path} at epoch {step}: {type(e).__name__}: {e}; "
+                "delete that directory to start this stage afresh") from e
+        return step, out["state"], out["meta"]
+
+    def close(self, *, delete: bool = False) -> None:
+        self._mgr.wait_until_finished()
+        self._mgr.close()
+        if delete and os.path.exists(self.path):
+            shutil.rmtree(self.path)

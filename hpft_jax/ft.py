@@ -1,0 +1,215 @@
+"""Finetuning (FT) from HP snapshots, many runs batched with ``vmap``.
+
+A batch of R runs (snapshots x seeds) shares one jitted program: every epoch
+trains all R models on their own data order, evaluates them on the
+validation and test sets, and updates each run's early-stopping state
+(best parameters by validation accuracy, patience). A run that has stopped
+keeps its parameters fixed, so the batched result equals R sequential runs.
+
+At the start of FT the driver records, per run, the initial energy
+(AIE = E||e_y - p_0||, Prop. 1) and the features z_0 on the unaugmented
+training inputs in eval mode; at the end, z_T of the best (early-stopped)
+model on the same inputs and the four adaptation metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hpft_jax import checkpoint, energy, errors, parallel, steps
+from hpft_jax.losses import accuracy
+from hpft_jax.progress import bar
+
+Tree = Any
+
+
+class FTCarry(NamedTuple):
+    state: steps.TrainState
+    best_params: Tree
+    best_stats: Tree
+    best_val: jax.Array  # () float32
+    best_epoch: jax.Array  # () int32, -1 before the first epoch
+    bad_epochs: jax.Array  # () int32, epochs without improvement
+    stopped: jax.Array  # () bool
+
+
+def _where(pred, a, b):
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def init_carry(params, batch_stats, tx) -> FTCarry:
+    state = steps.init_state(params, batch_stats, tx)
+    return FTCarry(state, params, batch_stats, jnp.float32(-1.0), jnp.int32(-1),
+                   jnp.int32(0), jnp.bool_(False))
+
+
+def _own_buffers(carry: FTCarry) -> FTCarry:
+    """Give the best-so-far copies buffers of their own: the carry is donated,
+    and one buffer cannot be donated twice."""
+    copy = lambda t: jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), t)  # noqa: E731
+    return carry._replace(best_params=copy(carry.best_params), best_stats=copy(carry.best_stats))
+
+
+def make_ft_epoch(model, tx, ft_cfg, *, num_classes: int, num_train: int, mesh=None,
+                  augment: str = "none"):
+    """``ft_epoch(carry, data, key, epoch) -> (carry, metrics)`` for one run.
+
+    ``data``: dict of on-device arrays ``train_x, train_y, val_x, val_y,
+    test_x, test_y``. Metrics: per-step ``loss`` and ``grad_v_norm``
+    (num_batches,), and scalars ``train_acc`` (running, over the epoch's
+    batches), ``val_acc``, ``test_acc`` (eval mode) and ``active``.
+    """
+    step = steps.make_train_step(model, tx, num_classes=num_classes, eta=ft_cfg.eta,
+                                 mesh=mesh, augment=augment)
+    epoch = steps.make_epoch(step, batch_size=ft_cfg.batch_size, num_examples=num_train)
+
+    def acc(state, x, y):
+        if x.shape[0] == 0:
+            return jnp.float32(jnp.nan)
+        logits, _ = steps.predict(model, steps.variables(state.params, state.batch_stats), x)
+        return accuracy(logits, y)
+
+    def ft_epoch(carry: FTCarry, data, key, e):
+        new_state, m = epoch(carry.state, data["train_x"], data["train_y"], key, e)
+        state = _where(carry.stopped, carry.state, new_state)
+        val_acc = acc(state, data["val_x"], data["val_y"])
+        test_acc = acc(state, data["test_x"], data["test_y"])
+        improved = (val_acc > carry.best_val) & ~carry.stopped
+        bad = jnp.where(improved, 0, carry.bad_epochs + jnp.where(carry.stopped, 0, 1))
+        new = FTCarry(
+            state,
+            _where(improved, state.params, carry.best_params),
+            _where(improved, state.batch_stats, carry.best_stats),
+            jnp.where(improved, val_acc, carry.best_val),
+            jnp.where(improved, e, carry.best_epoch).astype(jnp.int32),
+            bad.astype(jnp.int32),
+            carry.stopped | (bad >= ft_cfg.patience),
+        )
+        metrics = {"loss": m["loss"], "grad_v_norm": m["grad_v_norm"],
+                   "train_acc": m["acc"].mean(), "val_acc": val_acc, "test_acc": test_acc,
+                   "active": ~carry.stopped}
+        return new, metrics
+
+    return ft_epoch
+
+
+def _stack(trees):
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
+
+
+def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], data: dict,
+             adapt_x, adapt_y, *, num_classes: int, augment: str = "none", mesh=None,
+             ckpt_dir: str | None = None, names: list[str] | None = None,
+             progress: bool = True, stop_after_epochs: int | None = None) -> list[dict]:
+    """Finetune R runs together; returns one result dict per run.
+
+    ``inits[r] = (params, batch_stats)`` at the start of FT (pretrained
+    backbone + HP head); ``seeds[r]`` picks the FT data order. ``data`` holds
+    host arrays ``train_x, train_y, val_x, val_y, test_x, test_y``;
+    ``adapt_x, adapt_y`` the fixed, unaugmented set for AIE and the
+    adaptation metrics. With ``ckpt_dir`` the batch resumes from its last
+    finished epoch. ``stop_after_epochs`` interrupts (for tests) after that
+    many epochs of this call, as a kill would.
+    """
+    from hpft_jax import data as data_lib
+    from hpft_jax.hp import FT_DATA, seed_key
+
+    mesh = parallel.data_mesh() if mesh is None else mesh
+    n = data["train_x"].shape[0]
+    data_lib.check_batch_size(n, ft_cfg.batch_size, what="the downstream training set (FT)")
+    parallel.check_divisible(ft_cfg.batch_size, mesh, what="FT")
+    if data["val_x"].shape[0] == 0:
+        raise ValueError("FT early-stops on validation accuracy: the validation split is empty "
+                         "(set val_fraction > 0)")
+    nb = steps.num_batches(n, ft_cfg.batch_size)
+    tx = steps.ft_optimizer(ft_cfg, ft_cfg.epochs * nb)
+    names = names or [f"run {i}" for i in range(len(inits))]
+    dev = parallel.put_replicated({k: jnp.asarray(v) for k, v in data.items()}, mesh)
+    keys = jnp.stack([seed_key(s, FT_DATA) for s in seeds])
+
+    params0, stats0 = _stack([p for p, _ in inits]), _stack([s for _, s in inits])
+    carry = _own_buffers(jax.vmap(lambda p, s: init_carry(p, s, tx))(params0, stats0))
+    carry = parallel.put_replicated(carry, mesh)
+
+    # Energy and z_0 at the start of FT, eval mode, unaugmented inputs.
+    ax, ay = parallel.put_replicated((jnp.asarray(adapt_x), jnp.asarray(adapt_y)), mesh)
+    feats = jax.jit(jax.vmap(lambda p, s: steps.predict(model, steps.variables(p, s), ax),
+                             in_axes=(0, 0)))
+    logits0, z0 = feats(carry.state.params, carry.state.batch_stats)
+    aie0 = np.asarray(jax.vmap(energy.aie, in_axes=(0, None))(logits0, ay))
+    p_true0 = np.asarray(jax.vmap(energy.p_true, in_axes=(0, None))(logits0, ay))
+
+    fn = jax.jit(jax.vmap(make_ft_epoch(model, tx, ft_cfg, num_classes=num_classes,
+                                        num_train=n, mesh=mesh, augment=augment),
+                          in_axes=(0, None, 0, None)), donate_argnums=0)
+    history = {k: [] for k in ("loss", "train_acc", "val_acc", "test_acc", "active")}
+    direction: list[np.ndarray] = []
+    start = 0
+    ckpt = checkpoint.EpochCheckpointer(ckpt_dir) if ckpt_dir else None
+    if ckpt is not None:
+        restored = ckpt.restore(carry)
+        if restored is not None:
+            start, carry, meta = restored
+            start += 1
+            carry = parallel.put_replicated(carry, mesh)
+            history = {k: [np.asarray(v) for v in vs] for k, vs in meta["history"].items()}
+            direction = [np.asarray(v) for v in meta["direction"]]
+
+    pb = bar(ft_cfg.epochs, f"finetune x{len(inits)}", enabled=progress)
+    pb.update(start)
+    ran = 0
+    for e in range(start, ft_cfg.epochs):
+        if bool(np.all(np.asarray(carry.stopped))):
+            break
+        if stop_after_epochs is not None and ran >= stop_after_epochs:
+            if ckpt is not None:
+                ckpt.close()
+            raise KeyboardInterrupt(f"stopped after {ran} FT epochs (test hook)")
+        t0 = time.perf_counter()
+        carry, m = fn(carry, dev, keys, e)
+        m = jax.device_get(m)
+        errors.check_finite(m["loss"], stage="FT", epoch=e, steps_per_epoch=nb, runs=names)
+        history["loss"].append(m["loss"].mean(axis=1))
+        for k in ("train_acc", "val_acc", "test_acc", "active"):
+            history[k].append(m[k])
+        if sum(d.shape[1] for d in direction) < ft_cfg.direction_steps:
+            direction.append(m["grad_v_norm"])
+        if ckpt is not None:
+            ckpt.save(e, carry, {"history": {k: [v.tolist() for v in vs] for k, vs in history.items()},
+                                 "direction": [d.tolist() for d in direction]})
+        ran += 1
+        pb.set_postfix(val=f"{np.nanmean(m['val_acc']):.3f}",
+                       active=int(np.sum(m["active"])), s_per_ep=f"{time.perf_counter() - t0:.2f}")
+        pb.update()
+    pb.close()
+
+    logits_t, zt = feats(carry.best_params, carry.best_stats)
+    adapt = jax.device_get(jax.vmap(energy.adaptation)(z0, zt))
+    train_acc_t = np.asarray(jax.vmap(accuracy, in_axes=(0, None))(logits_t, ay))
+    best_epoch = np.asarray(carry.best_epoch)
+    hist = {k: np.stack(v, axis=1) for k, v in history.items()}  # (R, epochs)
+    dirn = np.concatenate(direction, axis=1)[:, : ft_cfg.direction_steps] if direction else None
+    results = []
+    for r in range(len(inits)):
+        be = int(best_epoch[r])
+        results.append({
+            "epochs_run": int(hist["active"][r].sum()),
+            "best_epoch": be,
+            "val_acc": float(hist["val_acc"][r, be]),
+            "test_acc": float(hist["test_acc"][r, be]),
+            "train_acc": float(train_acc_t[r]),
+            "aie": float(aie0[r]),
+            "p0y_hist": np.histogram(p_true0[r], bins=energy.P0Y_BINS, range=(0, 1))[0].tolist(),
+            "adapt": {k: float(v[r]) for k, v in adapt.items()},
+            "grad_v_norm": None if dirn is None else dirn[r].tolist(),
+            "curves": {k: hist[k][r].tolist() for k in ("loss", "train_acc", "val_acc", "test_acc")},
+        })
+    final = {"params": carry.best_params, "batch_stats": carry.best_stats}
+    if ckpt is not None:
+        ckpt.close()
+    return results, jax.device_get(final)

@@ -1,0 +1,147 @@
+"""Head probing (HP): train the head on a frozen backbone, snapshot at every τ.
+
+HP runs once, up to the largest τ, and keeps the head at every τ of the list
+(τ = 0 is the fresh head). All seeds run together under ``vmap``: each seed
+has its own head initialisation and data order.
+
+With no augmentation the trunk's features are computed once, in eval mode,
+and kept on device, so an HP epoch costs only the head. The backbone's
+parameters and BatchNorm statistics are never updated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hpft_jax import energy, errors, parallel, steps
+from hpft_jax.losses import accuracy, cross_entropy, smooth_targets
+from hpft_jax.params import head_block_names, is_head_path, merge, partition
+from hpft_jax.progress import bar
+
+Tree = Any
+
+# Tags folded into a seed's key, so each stage draws independent randomness.
+HEAD_INIT, HP_DATA, FT_DATA = 0, 1, 2
+
+
+def seed_key(seed: int, tag: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), tag)
+
+
+@dataclasses.dataclass
+class Probe:
+    """What HP hands to FT.
+
+    ``snapshots[(variant, tau)] = (params, batch_stats)``, each stacked over
+    seeds (leading axis S); ``records`` are the per-snapshot HP metrics.
+    """
+
+    split: int
+    frozen_params: Tree
+    frozen_stats: Tree
+    snapshots: dict[tuple[str, int], tuple[Tree, Tree]]
+    records: list[dict]
+
+
+def split_head(model, variables: dict, reinit_blocks: int):
+    """``(head_params, head_stats, frozen_params, frozen_stats, split)``."""
+    blocks = head_block_names(model, reinit_blocks)
+    pred = lambda p: is_head_path(p, blocks)  # noqa: E731
+    hp_, fp = partition(variables["params"], pred)
+    hs, fs = partition(variables.get("batch_stats", {}) or {}, pred)
+    return hp_, hs, fp, fs, model.backbone.num_blocks - reinit_blocks
+
+
+def init_heads(model, x_example, seeds, reinit_blocks: int):
+    """Fresh head parameters (and head-block BN stats), stacked over seeds."""
+
+    def one(seed):
+        v = model.init(seed_key(seed, HEAD_INIT), x_example, train=False)
+        hp_, hs, _, _, _ = split_head(model, v, reinit_blocks)
+        return hp_, hs
+
+    heads = [one(s) for s in seeds]
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *heads)
+
+
+def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: dict[str, float],
+          reinit_blocks: int, num_classes: int, augment: str = "none", mesh=None,
+          progress: bool = True) -> Probe:
+    """Run HP for every variant (name -> η_HP) and return the snapshots.
+
+    ``base_vars`` holds the pretrained backbone (its head entries are unused);
+    train_x (N, ...), train_y (N,). ``variants['hp']`` snapshots at every τ
+    of ``hp_cfg.taus``; any other variant (lsHP) only at the largest τ.
+    """
+    from hpft_jax import data as data_lib
+
+    mesh = parallel.data_mesh() if mesh is None else mesh
+    n = train_x.shape[0]
+    data_lib.check_batch_size(n, hp_cfg.batch_size, what="the downstream training set (HP)")
+    parallel.check_divisible(hp_cfg.batch_size, mesh, what="HP")
+    _, _, fparams, fstats, split = split_head(model, base_vars, reinit_blocks)
+    frozen = parallel.put_replicated((fparams, fstats), mesh)
+    x = parallel.put_replicated(jnp.asarray(train_x), mesh)
+    y = parallel.put_replicated(jnp.asarray(train_y), mesh)
+
+    trunk = jax.jit(lambda fr, xx: steps.predict(
+        model, steps.variables(*fr), xx, method=model.trunk, split=split))
+    feats = trunk(frozen, x)  # eval mode, (N, ...): cached once
+    train_inputs = feats if augment == "none" else x
+
+    heads0 = init_heads(model, x[:2], seeds, reinit_blocks)
+    tx = steps.hp_optimizer(hp_cfg)
+    nb = steps.num_batches(n, hp_cfg.batch_size)
+    hp_keys = jnp.stack([seed_key(s, HP_DATA) for s in seeds])
+
+    def evaluate(params, stats, fr, eta):
+        full = steps.variables(merge(fr[0], params), merge(fr[1], stats))
+        logits, _ = steps.predict(model, full, feats, method=model.top, split=split)
+        loss = cross_entropy(logits, smooth_targets(y, num_classes, eta))
+        return {"acc": accuracy(logits, y), "loss": loss,
+                "p_true": energy.p_true(logits, y), "aie": energy.aie(logits, y)}
+
+    eval_fn = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None)))
+    taus = list(hp_cfg.taus)
+    snapshots: dict[tuple[str, int], tuple[Tree, Tree]] = {}
+    records: list[dict] = []
+    total = sum(taus[-1] for _ in variants)
+    pb = bar(total, "head probing", enabled=progress)
+    for variant, eta in variants.items():
+        step = steps.make_hp_step(model, tx, num_classes=num_classes, split=split, eta=eta,
+                                  mesh=mesh, augment=augment)
+        epoch_fn = steps.make_epoch(step, batch_size=hp_cfg.batch_size, num_examples=n)
+        run = jax.jit(jax.vmap(steps.make_hp_run(epoch_fn),
+                               in_axes=(0, None, None, 0, None, None, None)),
+                      donate_argnums=0)
+        params, stats = heads0
+        state = jax.vmap(lambda p, s: steps.HPState(p, s, tx.init(p), jnp.zeros((), jnp.int32)))(
+            params, stats)
+        wanted = taus if variant == "hp" else [taus[-1]]
+        done = 0
+        for tau in wanted:
+            if tau > done:
+                state = run(state, train_inputs, y, hp_keys, done, tau, frozen)
+                pb.update(tau - done)
+                done = tau
+            m = jax.device_get(eval_fn(state.params, state.batch_stats, frozen, eta))
+            errors.check_finite(np.asarray(m["loss"])[:, None], stage=f"HP ({variant})",
+                                epoch=tau, steps_per_epoch=nb,
+                                runs=[f"seed {s}" for s in seeds])
+            snapshots[(variant, tau)] = jax.device_get((state.params, state.batch_stats))
+            for i, seed in enumerate(seeds):
+                records.append({
+                    "variant": variant, "seed": int(seed), "tau": int(tau), "eta_hp": float(eta),
+                    "hp_train_acc": float(m["acc"][i]), "hp_train_loss": float(m["loss"][i]),
+                    "aie_hp": float(m["aie"][i]),
+                    "p0y_hist": np.histogram(m["p_true"][i], bins=energy.P0Y_BINS,
+                                             range=(0.0, 1.0))[0].tolist(),
+                })
+        pb.update(taus[-1] - done)
+    pb.close()
+    return Probe(split, jax.device_get(fparams), jax.device_get(fstats), snapshots, records)

@@ -1,0 +1,116 @@
+"""Supervised pretraining of a backbone on the source data, cached on disk.
+
+The checkpoint holds ``params``, ``batch_stats`` and, in ``meta.json``, the
+config that produced it. It lives under ``<runs_dir>/pretrained/<key>/``,
+where the key hashes every setting that changes the weights, so every sweep
+with the same source and backbone reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hpft_jax import checkpoint, config as config_lib, errors, parallel, steps
+from hpft_jax.losses import accuracy
+from hpft_jax.models import make_classifier
+from hpft_jax.progress import bar
+
+
+def source_model_config(model_cfg: config_lib.ModelConfig) -> config_lib.ModelConfig:
+    """The pretraining model: the same backbone with a linear head."""
+    return dataclasses.replace(model_cfg, head="linear", reinit_blocks=0)
+
+
+def cache_key(data: config_lib.DataConfig, model: config_lib.ModelConfig,
+              pre: config_lib.PretrainConfig) -> str:
+    m = source_model_config(model)
+    blob = json.dumps({
+        "data": config_lib.to_dict(data),  # the digits source depends on the downstream split
+        "backbone": {k: getattr(m, k) for k in ("backbone", "width", "depth", "stem", "dtype")},
+        "pretrain": config_lib.to_dict(pre),
+    }, sort_keys=True)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
+    src = data.source.replace(":", "_").replace("/", "_")[-40:]
+    return f"{model.backbone}-{src}-{digest}"
+
+
+def pretrained_dir(runs_dir: str, data, model, pre) -> str:
+    return os.path.join(runs_dir, "pretrained", cache_key(data, model, pre))
+
+
+def train(data_cfg, model_cfg, pre_cfg, source, *, mesh=None, progress: bool = True):
+    """Train the source classifier; returns ``(variables, metrics)``.
+
+    ``source``: a :class:`hpft_jax.data.Dataset`. Adam (or SGD) with a cosine
+    schedule, cross-entropy, BatchNorm in train mode.
+    """
+    from hpft_jax import data as data_lib
+
+    mesh = parallel.data_mesh() if mesh is None else mesh
+    model = make_classifier(source_model_config(model_cfg), source.num_classes)
+    n = source.train.x.shape[0]
+    data_lib.check_batch_size(n, pre_cfg.batch_size, what=f"pretraining set {data_cfg.source!r}")
+    parallel.check_divisible(pre_cfg.batch_size, mesh, what="pretraining")
+    nb = steps.num_batches(n, pre_cfg.batch_size)
+    tx = steps.pretrain_optimizer(pre_cfg, pre_cfg.epochs * nb)
+    key = jax.random.key(pre_cfg.seed)
+    init_key, data_key = jax.random.split(key)
+    vars_ = model.init(init_key, jnp.asarray(source.train.x[:2]), train=False)
+    state = steps.init_state(vars_["params"], vars_.get("batch_stats", {}), tx)
+    step = steps.make_train_step(model, tx, num_classes=source.num_classes, eta=1.0,
+                                 mesh=mesh, augment=data_cfg.augment)
+    epoch_fn = jax.jit(steps.make_epoch(step, batch_size=pre_cfg.batch_size, num_examples=n),
+                       donate_argnums=0)
+    xs, ys = parallel.put_replicated((jnp.asarray(source.train.x), jnp.asarray(source.train.y)), mesh)
+    state = parallel.put_replicated(state, mesh)
+    pb = bar(pre_cfg.epochs, f"pretrain {data_cfg.source}", enabled=progress)
+    for e in range(pre_cfg.epochs):
+        state, m = epoch_fn(state, xs, ys, data_key, e)
+        loss = np.asarray(m["loss"])
+        errors.check_finite(loss, stage="pretraining", epoch=e, steps_per_epoch=nb)
+        pb.set_postfix(loss=f"{loss.mean():.3f}", acc=f"{float(np.mean(m['acc'])):.3f}")
+        pb.update()
+    pb.close()
+    out = {"params": state.params, "batch_stats": state.batch_stats}
+    evaluate = jax.jit(lambda v, x: steps.predict(model, steps.variables(**v), x)[0])
+    metrics = {}
+    for name, split in (("train", source.train), ("val", source.val), ("test", source.test)):
+        if split.x.shape[0]:
+            logits = evaluate(out, jnp.asarray(split.x))
+            metrics[f"{name}_acc"] = float(accuracy(logits, jnp.asarray(split.y)))
+    return jax.device_get(out), metrics
+
+
+def get_or_train(data_cfg, model_cfg, pre_cfg, runs_dir: str, *, mesh=None,
+                 progress: bool = True, log=None):
+    """Load the cached pretrained checkpoint, or train and save it.
+
+    Returns ``(variables, meta)``; ``meta`` holds the config and metrics.
+    ``log(event, **fields)`` is called once with the outcome.
+    """
+    path = pretrained_dir(runs_dir, data_cfg, model_cfg, pre_cfg)
+    if checkpoint.exists(path):
+        tree, meta = checkpoint.load_tree(path)
+        reused = True
+    else:
+        from hpft_jax import data as data_lib
+
+        source = data_lib.load_source(data_cfg)
+        tree, metrics = train(data_cfg, model_cfg, pre_cfg, source, mesh=mesh, progress=progress)
+        meta = {"data": config_lib.to_dict(data_cfg),
+                "model": config_lib.to_dict(source_model_config(model_cfg)),
+                "pretrain": config_lib.to_dict(pre_cfg),
+                "num_classes": int(source.num_classes), "metrics": metrics}
+        checkpoint.save_tree(path, tree, meta)
+        reused = False
+    tree = {"params": tree["params"], "batch_stats": tree.get("batch_stats", {}) or {}}
+    if log is not None:
+        log("pretrain", path=path, reused=reused, **meta.get("metrics", {}))
+    return tree, meta

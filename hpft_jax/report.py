@@ -1,0 +1,272 @@
+"""Tables and figures of a sweep, rebuilt from ``metrics*.jsonl`` alone.
+
+``hpft report RUN_DIR`` never trains: it reads the logged events, averages
+over seeds, picks τ* on *validation* accuracy (test accuracy is only
+reported), prints a Table-1-style summary and writes the figures.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+from typing import Iterable
+
+import numpy as np
+
+from hpft_jax.runlog import RunDir
+
+ADAPT = (("dist_sq", "E‖z_T−z_0‖²"), ("norm_sq", "E‖z_T‖²"), ("dot", "E z_Tᵀz_0"),
+         ("cos", "E cos(z_T, z_0)"))
+
+
+def _mean_std(xs: Iterable[float]) -> tuple[float, float]:
+    a = np.asarray([x for x in xs if x is not None], dtype=float)
+    if a.size == 0:
+        return math.nan, math.nan
+    return float(a.mean()), float(a.std())
+
+
+def summarize(run: RunDir) -> dict:
+    """Per (variant, τ): seed means and standard deviations of every metric."""
+    hp_recs = collections.defaultdict(list)
+    for r in run.records("hp"):
+        hp_recs[(r["variant"], r["tau"])].append(r)
+    ft_recs = collections.defaultdict(list)
+    for r in run.records("ft"):
+        ft_recs[(r["variant"], r["tau"])].append(r)
+    out = {}
+    for key in sorted(set(hp_recs) | set(ft_recs), key=lambda k: (k[0] != "hp", k)):
+        h, f = hp_recs.get(key, []), ft_recs.get(key, [])
+        row = {"n_seeds": len(f),
+               "hp_train_acc": _mean_std(r["hp_train_acc"] for r in h),
+               "aie": _mean_std(r["aie"] for r in f) if f else _mean_std(r["aie_hp"] for r in h),
+               "val_acc": _mean_std(r["val_acc"] for r in f),
+               "test_acc": _mean_std(r["test_acc"] for r in f),
+               "epochs_run": _mean_std(r["epochs_run"] for r in f)}
+        for k, _ in ADAPT:
+            row[k] = _mean_std(r["adapt"][k] for r in f)
+        out[key] = row
+    return out
+
+
+def pick_tau_star(summary: dict) -> int | None:
+    """τ with the best mean validation accuracy (ties: the smaller τ)."""
+    cands = [(t, row["val_acc"][0]) for (v, t), row in summary.items()
+             if v == "hp" and not math.isnan(row["val_acc"][0])]
+    if not cands:
+        return None
+    best = max(a for _, a in cands)
+    return min(t for t, a in cands if a == best)
+
+
+def _pct(ms: tuple[float, float]) -> str:
+    m, s = ms
+    return "n/a" if math.isnan(m) else f"{100 * m:6.2f} ± {100 * s:4.2f}"
+
+
+def _num(ms: tuple[float, float], fmt: str = "{:.4g}") -> str:
+    m, s = ms
+    return "n/a" if math.isnan(m) else (fmt.format(m) + " ± " + fmt.format(s))
+
+
+def table1(summary: dict) -> str:
+    """Markdown, Table-1 layout: downstream *test* accuracy, τ* by validation."""
+    taus = sorted(t for v, t in summary if v == "hp")
+    if not taus:
+        return "(no HP runs logged)"
+    tmax, tstar = taus[-1], pick_tau_star(summary)
+    rows = [("HP-train-acc (τ=%d)" % tmax, _pct(summary[("hp", tmax)]["hp_train_acc"])),
+            ("HP0-FT", _pct(summary.get(("hp", 0), {}).get("test_acc", (math.nan, 0)))),
+            (f"HP{tmax}-FT", _pct(summary[("hp", tmax)]["test_acc"]))]
+    if tstar is not None:
+        rows.append((f"HPτ*-FT (τ*={tstar})", _pct(summary[("hp", tstar)]["test_acc"])))
+    if ("lshp", tmax) in summary:
+        rows.append((f"lsHP{tmax}-FT", _pct(summary[("lshp", tmax)]["test_acc"])))
+    lines = ["| | test accuracy (%) |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+    return "\n".join(lines)
+
+
+def sweep_table(summary: dict) -> str:
+    """Markdown: every (variant, τ) with energy, accuracies and adaptation."""
+    head = ["variant", "τ", "HP-train-acc", "AIE", "FT val", "FT test"] + [n for _, n in ADAPT]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (v, t), row in summary.items():
+        cells = [v, str(t), _pct(row["hp_train_acc"]), _num(row["aie"], "{:.3f}"),
+                 _pct(row["val_acc"]), _pct(row["test_acc"])]
+        cells += [_num(row[k], "{:.4g}") for k, _ in ADAPT]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Figures
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(summary, key, variant="hp"):
+    pts = sorted((t, row[key]) for (v, t), row in summary.items() if v == variant)
+    t = np.array([p[0] for p in pts], dtype=float)
+    m = np.array([p[1][0] for p in pts], dtype=float)
+    s = np.array([p[1][1] for p in pts], dtype=float)
+    return t, m, s
+
+
+def _tau_axis(ax):
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("HP epochs τ")
+    ax.grid(alpha=0.3)
+
+
+def _errplot(ax, summary, key, label=None, scale=1.0):
+    t, m, s = _series(summary, key)
+    ax.errorbar(t, scale * m, yerr=scale * s, marker="o", capsize=3, label=label)
+
+
+def figures(run: RunDir, summary: dict) -> list[str]:
+    """Write the sweep's figures; returns their paths."""
+    plt = _plt()
+    paths = []
+
+    def save(fig, name):
+        p = run.figures(name)
+        fig.tight_layout()
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    _errplot(ax, summary, "aie")
+    ax.set_ylabel("AIE = E‖e_y − p_0‖")
+    _tau_axis(ax)
+    ax.set_title("Initial energy after HP")
+    save(fig, "aie_vs_tau.png")
+
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.5))
+    for ax, (k, name) in zip(axes.flat, ADAPT):
+        _errplot(ax, summary, k)
+        ax.set_ylabel(name)
+        _tau_axis(ax)
+    fig.suptitle("Feature adaptation after FT, against τ")
+    save(fig, "adaptation_vs_tau.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    _errplot(ax, summary, "val_acc", label="FT validation", scale=100)
+    _errplot(ax, summary, "test_acc", label="FT test", scale=100)
+    tstar = pick_tau_star(summary)
+    if tstar is not None:
+        ax.axvline(tstar, color="k", ls=":", label=f"τ* = {tstar} (by validation)")
+    ax.set_ylabel("accuracy (%)")
+    _tau_axis(ax)
+    ax.legend(fontsize=8)
+    save(fig, "ft_acc_vs_tau.png")
+
+    fts = [r for r in run.records("ft") if r["variant"] == "hp"]
+    by_tau = collections.defaultdict(list)
+    for r in fts:
+        by_tau[r["tau"]].append(r)
+    if by_tau:
+        taus = sorted(by_tau)
+        cols = min(len(taus), 4)
+        rows_ = math.ceil(len(taus) / cols)
+        fig, axes = plt.subplots(rows_, cols, figsize=(3 * cols, 2.3 * rows_), squeeze=False)
+        edges = np.linspace(0, 1, len(fts[0]["p0y_hist"]) + 1)
+        for ax, t in zip(axes.flat, taus):
+            counts = np.sum([r["p0y_hist"] for r in by_tau[t]], axis=0)
+            ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge")
+            ax.set_title(f"τ = {t}", fontsize=9)
+            ax.set_xlabel("p_0[y]", fontsize=8)
+        for ax in list(axes.flat)[len(taus):]:
+            ax.axis("off")
+        fig.suptitle("p_0[y] at the start of FT (all seeds)")
+        save(fig, "p0y_hist.png")
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for t in taus:
+            g = [r["grad_v_norm"] for r in by_tau[t] if r.get("grad_v_norm")]
+            if g:
+                ax.plot(np.mean(g, axis=0), label=f"τ={t}")
+        ax.set_xlabel("FT step")
+        ax.set_ylabel("‖∇_v L‖")
+        ax.set_yscale("log")
+        ax.set_title("Direction term at the start of FT")
+        ax.legend(fontsize=7, ncol=2)
+        save(fig, "direction.png")
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for t in taus:
+            curves = [r["curves"]["val_acc"] for r in by_tau[t]]
+            n = min(len(c) for c in curves)
+            ax.plot(100 * np.mean([c[:n] for c in curves], axis=0), label=f"τ={t}")
+        ax.set_xlabel("FT epoch")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.legend(fontsize=7, ncol=2)
+        save(fig, "ft_curves.png")
+    return paths
+
+
+def trends(summary: dict) -> list[str]:
+    """Plain-language check of the paper's trends (Sec. 4.2, App. C.1)."""
+    t, dist, _ = _series(summary, "dist_sq")
+    if len(t) < 3:
+        return ["(fewer than 3 values of τ: no trend check)"]
+    _, cos, _ = _series(summary, "cos")
+    _, dot, _ = _series(summary, "dot")
+    _, norm, _ = _series(summary, "norm_sq")
+    out = []
+
+    def mono(a, sign):
+        d = np.diff(a) * sign
+        return int(np.sum(d > 0)), len(d)
+
+    k, n = mono(dist, -1)
+    out.append(f"E‖z_T−z_0‖² falls with τ in {k}/{n} steps "
+               f"({dist[0]:.4g} at τ={t[0]:g} → {dist[-1]:.4g} at τ={t[-1]:g})")
+    k, n = mono(cos, +1)
+    out.append(f"cos(z_T, z_0) rises with τ in {k}/{n} steps ({cos[0]:.4f} → {cos[-1]:.4f})")
+    for name, a in (("E z_Tᵀz_0", dot), ("E‖z_T‖²", norm)):
+        i = int(np.argmax(a))
+        shape = ("rises then falls (interior maximum at τ=%g)" % t[i]) if 0 < i < len(a) - 1 \
+            else ("is largest at τ=%g (no interior maximum)" % t[i])
+        out.append(f"{name} {shape}")
+    tstar = pick_tau_star(summary)
+    if tstar is not None:
+        te = {tt: summary[("hp", tt)]["test_acc"][0] for tt in t.astype(int)}
+        out.append(f"HPτ*-FT (τ*={tstar}) test {100 * te[tstar]:.2f}% vs HP0-FT "
+                   f"{100 * te[int(t[0])]:.2f}% and HP{int(t[-1])}-FT {100 * te[int(t[-1])]:.2f}%")
+    return out
+
+
+def report(run_dir: str, *, write_figures: bool = True, out=print) -> str:
+    """Print and write ``report.md`` for a run directory; returns the text."""
+    run = RunDir(run_dir)
+    if not os.path.isdir(run.path):
+        raise FileNotFoundError(f"no run directory at {run.path}")
+    summary = summarize(run)
+    if not summary:
+        raise ValueError(f"{run.path} has no HP/FT records in metrics*.jsonl yet")
+    text = "\n\n".join([
+        f"# Sweep report: {run.path}",
+        "## Table 1 layout (downstream test accuracy; τ* chosen on validation)",
+        table1(summary),
+        "## Every τ (mean ± std over seeds)",
+        sweep_table(summary),
+        "## Trends (paper: distance falls, cos rises, dot/norm rise then fall)",
+        "\n".join("- " + s for s in trends(summary)),
+    ])
+    if write_figures:
+        paths = figures(run, summary)
+        text += "\n\n## Figures\n\n" + "\n".join(
+            f"- {os.path.relpath(p, run.path)}" for p in paths)
+    with open(os.path.join(run.path, "report.md"), "w") as f:
+        f.write(text + "\n")
+    out(text)
+    return text

@@ -1,0 +1,274 @@
+"""Jitted, pure training steps and epochs for pretraining, HP and FT.
+
+Everything here is a function of arrays and returns new arrays; the drivers
+(:mod:`hpft_jax.pretrain`, :mod:`hpft_jax.hp`, :mod:`hpft_jax.ft`) own the
+loops, checkpoints and logging.
+
+* An *epoch* is one ``lax.scan`` over the minibatches of a permutation drawn
+  from ``fold_in(key, epoch)``; data stay on device and every batch is
+  gathered by index, so no host round-trip happens inside an epoch.
+* Head probing differentiates only the head (``jax.value_and_grad`` w.r.t. the
+  head's parameters), on features the frozen trunk produced once in eval mode.
+  No backward pass runs through the backbone, and its BatchNorm statistics
+  are never touched.
+* FT epochs carry early-stopping state (best parameters, patience counter), so
+  that many FT runs can be ``vmap``-ed into one program and still stop at
+  the epoch a sequential run would have stopped at.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hpft_jax import parallel
+from hpft_jax.losses import accuracy, cross_entropy, smooth_targets
+from hpft_jax.params import merge, partition
+
+Tree = Any
+
+
+class TrainState(NamedTuple):
+    params: Tree
+    batch_stats: Tree  # {} for models without BatchNorm
+    opt_state: Tree
+    step: jax.Array
+
+
+def variables(params: Tree, batch_stats: Tree) -> dict:
+    """The ``apply`` variables dict; omits empty ``batch_stats``."""
+    return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def init_state(params: Tree, batch_stats: Tree, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(params, batch_stats, tx.init(params), jnp.zeros((), jnp.int32))
+
+
+# --------------------------------------------------------------------------
+# Optimizers
+
+
+def pretrain_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+    """Adam (or SGD+momentum) with a cosine schedule; ``cfg``: PretrainConfig."""
+    lr = optax.cosine_decay_schedule(cfg.lr, max(total_steps, 1))
+    if cfg.optimizer == "adam":
+        return optax.adamw(lr, weight_decay=cfg.weight_decay)
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                       optax.sgd(lr, momentum=0.9))
+
+
+def hp_optimizer(cfg) -> optax.GradientTransformation:
+    """Plain SGD at a constant learning rate; ``cfg``: HPConfig."""
+    return optax.sgd(cfg.lr)
+
+
+def ft_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+    """SGD + momentum 0.9, cosine schedule, optional weight decay; FTConfig."""
+    lr = optax.cosine_decay_schedule(cfg.lr, max(total_steps, 1))
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                       optax.sgd(lr, momentum=cfg.momentum))
+
+
+# --------------------------------------------------------------------------
+# Batching
+
+
+def num_batches(num_examples: int, batch_size: int) -> int:
+    """Full batches per epoch (the remainder is dropped, reshuffled each epoch)."""
+    return num_examples // batch_size
+
+
+def epoch_indices(key: jax.Array, epoch: jax.Array, num_examples: int,
+                  batch_size: int) -> jax.Array:
+    """(num_batches, batch_size) indices of a fresh permutation for ``epoch``."""
+    nb = num_batches(num_examples, batch_size)
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+    return perm[: nb * batch_size].reshape(nb, batch_size)
+
+
+def _augment_fn(kind: str) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
+    if kind == "none":
+        return None
+    from hpft_jax import augment  # noqa: PLC0415  (keeps imports light)
+
+    if kind == "flip_crop":
+        return lambda x, k: augment.flip_crop(x, k)
+    raise ValueError(f"unknown augmentation {kind!r}")
+
+
+# --------------------------------------------------------------------------
+# Inference
+
+
+def predict(model, vars_: dict, x: jax.Array, *, chunk: int = 512,
+            method: Callable | None = None, **kwargs) -> Any:
+    """Eval-mode ``model.apply`` over ``x`` (N, ...) in chunks, inside jit.
+
+    The chunks run under ``lax.map`` so peak memory is one chunk's
+    activations. Returns what ``apply`` returns, with leading axis N.
+    """
+    n = x.shape[0]
+    c = min(chunk, n)
+    nb = math.ceil(n / c)
+    pad = nb * c - n
+    if pad:
+        x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+    xs = x.reshape((nb, c) + x.shape[1:])
+
+    def one(xb):
+        return model.apply(vars_, xb, train=False, method=method, **kwargs)
+
+    out = jax.lax.map(one, xs)
+    return jax.tree_util.tree_map(lambda o: o.reshape((nb * c,) + o.shape[2:])[:n], out)
+
+
+# --------------------------------------------------------------------------
+# Full-model training (pretraining and FT)
+
+
+def make_train_step(model, tx, *, num_classes: int, eta: float | jax.Array,
+                    mesh=None, augment: str = "none"):
+    """``step(state, x, y, key) -> (state, metrics)`` training every parameter.
+
+    x: (B, ...) inputs, y: (B,) labels. Metrics: ``loss``, ``acc`` and
+    ``grad_v_norm`` = ||grad of the loss w.r.t. params/head|| (the direction
+    term's change, Fig. 2 right). BatchNorm runs in train mode.
+    """
+    aug = _augment_fn(augment)
+
+    def loss_fn(params, batch_stats, x, y):
+        targets = smooth_targets(y, num_classes, eta)
+        if batch_stats:
+            (logits, _), upd = model.apply(variables(params, batch_stats), x,
+                                           train=True, mutable=["batch_stats"])
+            new_bs = upd["batch_stats"]
+        else:
+            logits, _ = model.apply({"params": params}, x, train=True)
+            new_bs = batch_stats
+        return cross_entropy(logits, targets), (new_bs, logits)
+
+    def step(state: TrainState, x, y, key):
+        x = parallel.shard_batch(x, mesh)
+        if aug is not None:
+            x = aug(x, key)
+        (loss, (new_bs, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.batch_stats, x, y)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "acc": accuracy(logits, y),
+                   "grad_v_norm": optax.global_norm(grads["head"])}
+        return TrainState(params, new_bs, opt_state, state.step + 1), metrics
+
+    return step
+
+
+def make_epoch(step, *, batch_size: int, num_examples: int):
+    """``epoch(state, x, y, key, epoch, *consts) -> (state, per-step metrics)``.
+
+    One ``lax.scan`` over the full batches of a fresh permutation; per-step
+    metrics come back stacked, shape (num_batches,). ``consts`` are passed to
+    every ``step`` call unchanged (frozen parameters, as arguments rather than
+    closed-over constants baked into the program).
+    """
+    if num_batches(num_examples, batch_size) < 1:
+        raise ValueError(
+            f"batch size {batch_size} is larger than the {num_examples} training examples")
+
+    def epoch(state, xs, ys, key, epoch, *consts):
+        idx = epoch_indices(key, epoch, num_examples, batch_size)
+        ekey = jax.random.fold_in(jax.random.fold_in(key, epoch), 1)
+
+        def body(state, inp):
+            i, ix = inp
+            return step(state, xs[ix], ys[ix], jax.random.fold_in(ekey, i), *consts)
+
+        return jax.lax.scan(body, state, (jnp.arange(idx.shape[0]), idx))
+
+    return epoch
+
+
+# --------------------------------------------------------------------------
+# Head probing on cached trunk features
+
+
+class HPState(NamedTuple):
+    """Only what HP trains: the head (plus re-initialised blocks)."""
+
+    params: Tree  # the head's parameters, a subtree of the model's params
+    batch_stats: Tree  # BatchNorm statistics of re-initialised blocks ({} if none)
+    opt_state: Tree
+    step: jax.Array
+
+
+def make_hp_step(model, tx, *, num_classes: int, split: int,
+                 eta: float | jax.Array, mesh=None, augment: str = "none"):
+    """``step(state, h, y, key, frozen) -> (state, metrics)`` on trunk features h.
+
+    ``frozen = (frozen_params, frozen_stats)``: everything HP does not train.
+
+    Without augmentation, h: (B, ...) = ``model.trunk(x, split=split)``
+    computed once in eval mode (the features are cached). With augmentation,
+    h is the raw batch x; it is augmented and passed through the frozen trunk
+    in eval mode inside the step (forward only).
+    Gradients are taken w.r.t. ``state.params`` only; ``frozen_params`` enter
+    the forward pass as constants, so no backward pass runs through them.
+    """
+    aug = _augment_fn(augment)
+
+    def loss_fn(params, batch_stats, h, y, frozen_params, frozen_stats):
+        full = merge(frozen_params, params)
+        targets = smooth_targets(y, num_classes, eta)
+        if batch_stats:
+            (logits, _), upd = model.apply(
+                variables(full, merge(frozen_stats, batch_stats)), h, split=split,
+                train=True, method=model.top, mutable=["batch_stats"])
+            new_bs, _ = partition(upd["batch_stats"], _in_tree(batch_stats))
+        else:
+            logits, _ = model.apply(variables(full, frozen_stats), h, split=split,
+                                    train=False, method=model.top)
+            new_bs = batch_stats
+        return cross_entropy(logits, targets), (new_bs, logits)
+
+    def step(state: HPState, h, y, key, frozen):
+        frozen_params, frozen_stats = frozen
+        h = parallel.shard_batch(h, mesh)
+        if aug is not None:
+            h = model.apply(variables(frozen_params, frozen_stats), aug(h, key),
+                            split=split, train=False, method=model.trunk)
+            h = jax.lax.stop_gradient(h)
+        (loss, (new_bs, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.batch_stats, h, y, frozen_params, frozen_stats)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return HPState(params, new_bs, opt_state, state.step + 1), {
+            "loss": loss, "acc": accuracy(logits, y)}
+
+    return step
+
+
+def _in_tree(tree: Tree) -> Callable[[tuple], bool]:
+    from flax import traverse_util
+
+    keys = set(traverse_util.flatten_dict(tree))
+    return lambda path: path in keys
+
+
+def make_hp_run(epoch_fn):
+    """``run(state, h, y, key, start, stop, *consts) -> state``: epochs [start, stop).
+
+    A ``fori_loop`` with traced bounds, so one compiled program serves every
+    stretch between two snapshots.
+    """
+
+    def run(state, hs, ys, key, start, stop, *consts):
+        def body(e, s):
+            s, _ = epoch_fn(s, hs, ys, key, e, *consts)
+            return s
+
+        return jax.lax.fori_loop(start, stop, body, state)
+
+    return run
