@@ -122,6 +122,7 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
         params, stats = heads0
         state = jax.vmap(lambda p, s: steps.HPState(p, s, tx.init(p), jnp.zeros((), jnp.int32)))(
             params, stats)
+        state = parallel.put_replicated(state, mesh)  # same sharding as the outputs: no retrace
         wanted = taus if variant == "hp" else [taus[-1]]
         done = 0
         for tau in wanted:

@@ -160,7 +160,7 @@ def make_train_step(model, tx, *, num_classes: int, eta: float | jax.Array,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "acc": accuracy(logits, y),
-                   "grad_v_norm": optax.global_norm(grads["head"])}
+                   "grad_v_norm": optax.tree.norm(grads["head"])}
         return TrainState(params, new_bs, opt_state, state.step + 1), metrics
 
     return step
