@@ -562,16 +562,18 @@ def plan_splits(y: np.ndarray, part: np.ndarray, classes: tuple[int, ...] | None
     """Indices (train, val, test) into a base data set, each sorted.
 
     y: (M,) labels; part: (M,) official split codes (TRAIN/VAL/TEST). Keeps
-    ``classes`` (all if None), drops ``exclude``. Per class, the official-train
-    examples are shuffled, capped at ``per_class``, and (when the data has no
-    official test / validation split) the first round(test_fraction n) go to
-    test and the next round(val_fraction n) to val: stratified by class.
+    ``classes`` (all if None). The pool is the official train split minus
+    ``exclude``. Per class, the pool is shuffled, capped at ``per_class``, and
+    (when the data has no official test / validation split) its first
+    round(test_fraction n) go to test and the next round(val_fraction n) to
+    val: stratified by class. Official val/test splits are kept whole.
     """
     keep = np.ones(len(y), bool) if classes is None else np.isin(y, classes)
+    in_pool = keep & (part == TRAIN)
     if exclude is not None and len(exclude):
-        keep[exclude] = False
+        in_pool[exclude] = False
     has_val, has_test = bool((part == VAL).any()), bool((part == TEST).any())
-    pool = np.flatnonzero(keep & (part == TRAIN))
+    pool = np.flatnonzero(in_pool)
     train, val, test = [], [], []
     for c in (range(num_classes) if classes is None else classes):
         idx = rng.permutation(pool[y[pool] == c])

@@ -275,6 +275,9 @@ def test_same_base_idx_excludes_downstream_val_from_pretraining(idx_dir):
     assert not set(src.train.origin) & set(down.val.origin)
     assert not set(src.val.origin) & set(down.val.origin)
     assert set(down.test.origin) == set(40 + np.flatnonzero(np.arange(12) % 4 % 2 == 0))
+    # the official test split is only evaluated on: pretraining keeps all of it
+    np.testing.assert_array_equal(src.test.origin, 40 + np.arange(12))
+    assert len(src.train) + len(src.val) == 40 - len(down.val)
     np.testing.assert_array_equal(src.mean, down.mean)  # one base set, one normalisation
 
 
