@@ -667,6 +667,8 @@ def _assemble(spec: DataSpec, name: str, base: _Base, plan, *, distort: bool,
 
 
 def _check_config(cfg: DataConfig) -> None:
+    if not 0 <= cfg.seed < 2**32 or int(cfg.seed) != cfg.seed:
+        raise ValueError(f"seed must be an integer in [0, 2**32); got {cfg.seed}")
     augment._check_rotate_zoom_options(cfg.max_rotation, tuple(cfg.zoom))
     if cfg.per_class is not None and cfg.per_class < 1:
         raise ValueError(f"per_class must be >= 1 or None; got {cfg.per_class}")

@@ -184,6 +184,7 @@ def test_image_size_resizes_bilinearly(digits):
     (dict(zoom=(1.3, 1.0)), "zoom"),
     (dict(max_rotation=-5.0), "max_rotation"),
     (dict(image_size=0), "image_size"),
+    (dict(seed=-1), "seed"),
 ])
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
