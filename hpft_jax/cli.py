@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("--no-figures", action="store_true")
     s.set_defaults(fn=cmd_report)
+
+    from hpft_jax import experiments
+
+    experiments.register(sub)
     return p
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from hpft_jax import checkpoint, energy, errors, parallel, steps
 from hpft_jax.losses import accuracy
+from hpft_jax.params import merge, partition
 from hpft_jax.progress import bar
 
 Tree = Any
@@ -57,10 +58,11 @@ def _own_buffers(carry: FTCarry) -> FTCarry:
 
 def make_ft_epoch(model, tx, ft_cfg, *, num_classes: int, num_train: int, mesh=None,
                   augment: str = "none"):
-    """``ft_epoch(carry, data, key, epoch) -> (carry, metrics)`` for one run.
+    """``ft_epoch(carry, data, key, epoch[, frozen]) -> (carry, metrics)``, one run.
 
     ``data``: dict of on-device arrays ``train_x, train_y, val_x, val_y,
-    test_x, test_y``. Metrics: per-step ``loss`` and ``grad_v_norm``
+    test_x, test_y``; ``frozen``: parameters held fixed (Layer FT), or None.
+    Metrics: per-step ``loss`` and ``grad_v_norm``
     (num_batches,), and scalars ``train_acc`` (running, over the epoch's
     batches), ``val_acc``, ``test_acc`` (eval mode) and ``active``.
     """
@@ -68,17 +70,19 @@ def make_ft_epoch(model, tx, ft_cfg, *, num_classes: int, num_train: int, mesh=N
                                  mesh=mesh, augment=augment)
     epoch = steps.make_epoch(step, batch_size=ft_cfg.batch_size, num_examples=num_train)
 
-    def acc(state, x, y):
+    def acc(state, frozen, x, y):
         if x.shape[0] == 0:
             return jnp.float32(jnp.nan)
-        logits, _ = steps.predict(model, steps.variables(state.params, state.batch_stats), x)
+        params = merge(frozen, state.params) if frozen else state.params
+        logits, _ = steps.predict(model, steps.variables(params, state.batch_stats), x)
         return accuracy(logits, y)
 
-    def ft_epoch(carry: FTCarry, data, key, e):
-        new_state, m = epoch(carry.state, data["train_x"], data["train_y"], key, e)
+    def ft_epoch(carry: FTCarry, data, key, e, frozen=None):
+        consts = (frozen,) if frozen else ()
+        new_state, m = epoch(carry.state, data["train_x"], data["train_y"], key, e, *consts)
         state = _where(carry.stopped, carry.state, new_state)
-        val_acc = acc(state, data["val_x"], data["val_y"])
-        test_acc = acc(state, data["test_x"], data["test_y"])
+        val_acc = acc(state, frozen, data["val_x"], data["val_y"])
+        test_acc = acc(state, frozen, data["test_x"], data["test_y"])
         improved = (val_acc > carry.best_val) & ~carry.stopped
         bad = jnp.where(improved, 0, carry.bad_epochs + jnp.where(carry.stopped, 0, 1))
         new = FTCarry(
@@ -105,7 +109,8 @@ def _stack(trees):
 def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], data: dict,
              adapt_x, adapt_y, *, num_classes: int, augment: str = "none", mesh=None,
              ckpt_dir: str | None = None, names: list[str] | None = None,
-             progress: bool = True, stop_after_epochs: int | None = None) -> list[dict]:
+             progress: bool = True, stop_after_epochs: int | None = None,
+             trainable=None) -> tuple[list[dict], dict]:
     """Finetune R runs together; returns one result dict per run.
 
     ``inits[r] = (params, batch_stats)`` at the start of FT (pretrained
@@ -114,7 +119,12 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     ``adapt_x, adapt_y`` the fixed, unaugmented set for AIE and the
     adaptation metrics. With ``ckpt_dir`` the batch resumes from its last
     finished epoch. ``stop_after_epochs`` interrupts (for tests) after that
-    many epochs of this call, as a kill would.
+    many epochs of this call, as a kill would. ``trainable(path) -> bool``
+    restricts training to a subset of the parameters (Layer FT); the rest
+    get no gradients and no optimizer state.
+
+    Returns the per-run results and the final (best) variables, stacked
+    over runs.
     """
     from hpft_jax import data as data_lib
     from hpft_jax.hp import FT_DATA, seed_key
@@ -133,20 +143,28 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     keys = jnp.stack([seed_key(s, FT_DATA) for s in seeds])
 
     params0, stats0 = _stack([p for p, _ in inits]), _stack([s for _, s in inits])
-    carry = _own_buffers(jax.vmap(lambda p, s: init_carry(p, s, tx))(params0, stats0))
+    if trainable is not None:
+        train0, frozen = partition(params0, trainable)
+        if not jax.tree_util.tree_leaves(train0):
+            raise ValueError("trainable selects no parameter")
+        frozen = parallel.put_replicated(frozen, mesh)
+    else:
+        train0, frozen = params0, None
+    carry = _own_buffers(jax.vmap(lambda p, s: init_carry(p, s, tx))(train0, stats0))
     carry = parallel.put_replicated(carry, mesh)
+    full = (lambda p: merge(frozen, p)) if frozen else (lambda p: p)  # noqa: E731
 
     # Energy and z_0 at the start of FT, eval mode, unaugmented inputs.
     ax, ay = parallel.put_replicated((jnp.asarray(adapt_x), jnp.asarray(adapt_y)), mesh)
     feats = jax.jit(jax.vmap(lambda p, s: steps.predict(model, steps.variables(p, s), ax),
                              in_axes=(0, 0)))
-    logits0, z0 = feats(carry.state.params, carry.state.batch_stats)
+    logits0, z0 = feats(full(carry.state.params), carry.state.batch_stats)
     aie0 = np.asarray(jax.vmap(energy.aie, in_axes=(0, None))(logits0, ay))
     p_true0 = np.asarray(jax.vmap(energy.p_true, in_axes=(0, None))(logits0, ay))
 
     fn = jax.jit(jax.vmap(make_ft_epoch(model, tx, ft_cfg, num_classes=num_classes,
                                         num_train=n, mesh=mesh, augment=augment),
-                          in_axes=(0, None, 0, None)), donate_argnums=0)
+                          in_axes=(0, None, 0, None, 0)), donate_argnums=0)
     history = {k: [] for k in ("loss", "train_acc", "val_acc", "test_acc", "active")}
     direction: list[np.ndarray] = []
     start = 0
@@ -171,7 +189,7 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
                 ckpt.close()
             raise KeyboardInterrupt(f"stopped after {ran} FT epochs (test hook)")
         t0 = time.perf_counter()
-        carry, m = fn(carry, dev, keys, e)
+        carry, m = fn(carry, dev, keys, e, frozen)
         m = jax.device_get(m)
         errors.check_finite(m["loss"], stage="FT", epoch=e, steps_per_epoch=nb, runs=names)
         history["loss"].append(m["loss"].mean(axis=1))
@@ -188,7 +206,7 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
         pb.update()
     pb.close()
 
-    logits_t, zt = feats(carry.best_params, carry.best_stats)
+    logits_t, zt = feats(full(carry.best_params), carry.best_stats)
     adapt = jax.device_get(jax.vmap(energy.adaptation)(z0, zt))
     train_acc_t = np.asarray(jax.vmap(accuracy, in_axes=(0, None))(logits_t, ay))
     best_epoch = np.asarray(carry.best_epoch)
@@ -209,7 +227,7 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
             "grad_v_norm": None if dirn is None else dirn[r].tolist(),
             "curves": {k: hist[k][r].tolist() for k in ("loss", "train_acc", "val_acc", "test_acc")},
         })
-    final = {"params": carry.best_params, "batch_stats": carry.best_stats}
+    final = {"params": full(carry.best_params), "batch_stats": carry.best_stats}
     if ckpt is not None:
         ckpt.close()
     return results, jax.device_get(final)

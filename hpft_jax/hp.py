@@ -60,12 +60,13 @@ def split_head(model, variables: dict, reinit_blocks: int):
 def init_heads(model, x_example, seeds, reinit_blocks: int):
     """Fresh head parameters (and head-block BN stats), stacked over seeds."""
 
-    def one(seed):
-        v = model.init(seed_key(seed, HEAD_INIT), x_example, train=False)
+    @jax.jit
+    def one(key):
+        v = model.init(key, x_example, train=False)
         hp_, hs, _, _, _ = split_head(model, v, reinit_blocks)
         return hp_, hs
 
-    heads = [one(s) for s in seeds]
+    heads = [one(seed_key(s, HEAD_INIT)) for s in seeds]  # jit: eager init is slow on CPU
     return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *heads)
 
 

@@ -132,35 +132,41 @@ def predict(model, vars_: dict, x: jax.Array, *, chunk: int = 512,
 
 def make_train_step(model, tx, *, num_classes: int, eta: float | jax.Array,
                     mesh=None, augment: str = "none"):
-    """``step(state, x, y, key) -> (state, metrics)`` training every parameter.
+    """``step(state, x, y, key[, frozen]) -> (state, metrics)``.
+
+    Trains ``state.params``: every parameter, or, when ``frozen`` (the
+    remaining parameters, a disjoint tree) is given, only that subset. Frozen
+    parameters get no gradient computation and no optimizer state; they enter
+    the forward pass as arguments. BatchNorm runs in train mode throughout.
 
     x: (B, ...) inputs, y: (B,) labels. Metrics: ``loss``, ``acc`` and
     ``grad_v_norm`` = ||grad of the loss w.r.t. params/head|| (the direction
-    term's change, Fig. 2 right). BatchNorm runs in train mode.
+    term's change, Fig. 2 right; 0 if the head is frozen).
     """
     aug = _augment_fn(augment)
 
-    def loss_fn(params, batch_stats, x, y):
+    def loss_fn(params, frozen, batch_stats, x, y):
+        full = merge(frozen, params) if frozen else params
         targets = smooth_targets(y, num_classes, eta)
         if batch_stats:
-            (logits, _), upd = model.apply(variables(params, batch_stats), x,
+            (logits, _), upd = model.apply(variables(full, batch_stats), x,
                                            train=True, mutable=["batch_stats"])
             new_bs = upd["batch_stats"]
         else:
-            logits, _ = model.apply({"params": params}, x, train=True)
+            logits, _ = model.apply({"params": full}, x, train=True)
             new_bs = batch_stats
         return cross_entropy(logits, targets), (new_bs, logits)
 
-    def step(state: TrainState, x, y, key):
+    def step(state: TrainState, x, y, key, frozen=None):
         x = parallel.shard_batch(x, mesh)
         if aug is not None:
             x = aug(x, key)
         (loss, (new_bs, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.batch_stats, x, y)
+            state.params, frozen, state.batch_stats, x, y)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "acc": accuracy(logits, y),
-                   "grad_v_norm": optax.tree.norm(grads["head"])}
+        gv = optax.tree.norm(grads["head"]) if "head" in grads else jnp.float32(0.0)
+        metrics = {"loss": loss, "acc": accuracy(logits, y), "grad_v_norm": gv}
         return TrainState(params, new_bs, opt_state, state.step + 1), metrics
 
     return step

@@ -73,7 +73,7 @@ def base_variables(model, pretrained: dict, reinit_blocks: int, x_example) -> tu
     The head (and the last ``reinit_blocks`` blocks) stay freshly initialised;
     every other leaf must match the checkpoint exactly.
     """
-    fresh = model.init(jax.random.key(0), x_example, train=False)
+    fresh = jax.jit(lambda k: model.init(k, x_example, train=False))(jax.random.key(0))
     blocks = head_block_names(model, reinit_blocks)
     return load_pretrained(fresh, {k: v for k, v in pretrained.items() if v},
                            reinit=lambda p: is_head_path(p, blocks))

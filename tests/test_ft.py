@@ -114,3 +114,23 @@ def test_empty_validation_split_is_an_error(setup):
     d = dict(data, val_x=data["val_x"][:0], val_y=data["val_y"][:0])
     with pytest.raises(ValueError, match="validation split is empty"):
         _run(model, inits[:1], [0], d)
+
+
+def test_training_a_subset_freezes_the_rest(setup):
+    """Layer FT: only the chosen block (and head) train; frozen leaves are
+    bit-identical and hold no optimizer state."""
+    model, data, inits = setup
+    pred = lambda p: p[0] == "head" or p[:2] == ("backbone", "dense1")  # noqa: E731
+    (res,), final = _run(model, inits[:1], [0], data, trainable=pred)
+    p0 = inits[0][0]
+    got = jax.tree_util.tree_map(lambda a: a[0], final["params"])
+    np.testing.assert_array_equal(got["backbone"]["dense0"]["kernel"], p0["backbone"]["dense0"]["kernel"])
+    assert not np.array_equal(got["backbone"]["dense1"]["kernel"], p0["backbone"]["dense1"]["kernel"])
+    assert not np.array_equal(got["head"]["out"]["kernel"], p0["head"]["out"]["kernel"])
+    tx = ft.steps.ft_optimizer(FT, 10)
+    from hpft_jax.params import partition
+    train, _ = partition(p0, pred)
+    state = ft.steps.init_state(train, {}, tx)
+    assert "dense0" not in str(jax.tree_util.tree_structure(state.opt_state))
+    with pytest.raises(ValueError, match="no parameter"):
+        _run(model, inits[:1], [0], data, trainable=lambda p: False)
