@@ -177,6 +177,8 @@ def test_gradient_flow_norm_peaks_at_zero():
     assert abs(2 * cp.gd_correction(X, B0, v0, Y) - (a1 - a2)) < 1e-12 * a1
     dot, norm = cp.gd_peaks(X, B0, v0, Y)
     assert abs(norm) < 1e-12 and abs(dot - a2 / (a1 + a2)) < 1e-12
+    # a2/(a1 + a2) is exactly the paper's head-block formula for alpha.
+    assert abs(dot - cp.alpha(X, B0, v0, Y, block="head")) < 1e-12
     # The small-step GD correction tends to the flow one.
     lam_max = np.linalg.eigvalsh(lm.ntk(X, B0, v0))[-1]
     m_flow = cp.gd_correction(X, B0, v0, Y)

@@ -26,8 +26,9 @@ Consequences of the correction (t -> infinity):
 * The limits swap relative to the paper: ||B0||^2 >> ||v0||^2 (K~ << K0)
   gives alpha -> 1/2, and ||v0||^2 >> ||B0||^2 (K~ ~ K0) gives alpha -> 0.
 
-Eq. 25-27 relate the feature metrics to tr(.) only through a bound, exact
-when the inputs are isotropic. On the training inputs themselves, the same
+Eq. 25 bounds the feature metrics by traces; Eq. 26-27 write them as
+M tr(.), which holds only for isotropic inputs (E x x^T proportional to I).
+On the training inputs themselves, the same
 algebra with the weight G gives, along q0 = aY (:func:`alpha_features`)::
 
     E z_t^T z_0 = const - a (a - 1) b1 / N          -> maximum at a = 1/2
@@ -36,6 +37,11 @@ algebra with the weight G gives, along q0 = aY (:func:`alpha_features`)::
     b1 = Y^T P G Y,   b2 = s Y^T P G^2 P Y
 
 so the feature-norm maximum sits at (b1 - b2)/(2 b1 - b2), not at alpha.
+
+All of the above describes the linearised model. Real GD approaches its
+parameters and distance as the scale grows, but not its dot/norm maxima: their change is
+second order in the targets, and so is what the linearisation drops. See
+:func:`gd_correction` and :func:`gd_peaks`, checked against ``train_gd``.
 """
 
 from __future__ import annotations
@@ -224,7 +230,9 @@ def gd_peaks(X, B0, v0, Y, *, metric: str = "trace",
     a_dot = (a1 - 2m)/(2 a1 - 2m), a_norm = (a1 - 2m - a2)/(2 a1 - 2m - a2)
     (:func:`gd_correction`); m = 0 gives the closed form's 1/2 and alpha.
     Under gradient flow with the trace weight, a_dot = a2/(a1 + a2) and
-    a_norm = 0: the norm then grows all the way to q0 = 0.
+    a_norm = 0: the norm then grows all the way to q0 = 0. (a2/(a1 + a2) is
+    algebraically the paper's Lemma 3 formula with the head block, since
+    Y^T K0^-1 H K0^-1 Y = a1 - a2.)
     """
     a1, a2 = ray_coefficients(X, B0, v0, Y, metric=metric)
     m = gd_correction(X, B0, v0, Y, metric=metric, lr=lr)

@@ -156,6 +156,11 @@ def _metrics(p: Problem, Bts: np.ndarray) -> dict:
 def ray_sweep(p: Problem, cfg: Prop2Config) -> Sweep:
     """Exact sweep: q0 = aY for a on ``cfg.grid`` points of [0, 1]."""
     a = np.linspace(0.0, 1.0, cfg.grid)
+    least = np.linalg.norm(np.linalg.lstsq(p.X @ p.B0.T, p.Y, rcond=None)[0])
+    if cfg.v_norm < least:
+        raise ValueError(f"v_norm={cfg.v_norm} is below |pinv(X B0^T) Y| = "
+                         f"{least:.4g}, the smallest head with q0 = Y; "
+                         "raise v_norm or b_scale")
     V0 = np.stack([lm.head_for_output(p.X, p.B0, ai * p.Y, norm=cfg.v_norm,
                                       direction=p.direction) for ai in a])
     return Sweep(a, V0, _metrics(p, _finetune(p, V0, cfg)), None)
