@@ -428,21 +428,38 @@ def run(cfg: Prop2Config, out_dir: str) -> list[str]:
     return lines
 
 
+_HELP = {
+    "n": "training inputs N", "d": "input dimension", "h": "feature width",
+    "grid": "points of a in [0, 1] on the ray",
+    "b_scale": "B0 entries ~ N(0, b_scale^2/d)",
+    "v_norm": "|v0| along the ray", "ft_steps": "GD steps of FT",
+    "ft_lr": "FT step times 1/lambda_max(K0)",
+    "hp_lr": "HP step times 1/lambda_max(X B0^T B0 X^T)",
+    "v_init": "norm of the random head before HP",
+    "pop_samples": "draws for the isotropic-input cosine",
+    "seed": "numpy seed of the problem",
+}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m theory.prop2",
-        description="Numerical verification of Proposition 2 (Appendix D).")
+        description="Numerical verification of Proposition 2 (Appendix D). "
+        "Options are the fields of Prop2Config.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="runs/prop2",
-                        help="output directory (default: runs/prop2)")
+                        help="output directory")
     defaults = Prop2Config()
     for field in dataclasses.fields(Prop2Config):
         if field.name == "hp_taus":
             parser.add_argument("--hp-taus", type=int, nargs="+",
-                                default=list(defaults.hp_taus))
+                                default=list(defaults.hp_taus),
+                                help="head-probing step counts")
             continue
         parser.add_argument("--" + field.name.replace("_", "-"),
                             type=type(getattr(defaults, field.name)),
-                            default=getattr(defaults, field.name))
+                            default=getattr(defaults, field.name),
+                            help=_HELP[field.name])
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
     args["hp_taus"] = tuple(args["hp_taus"])
