@@ -116,7 +116,7 @@ class HPConfig:
     """Head probing: SGD on the head only, constant learning rate."""
 
     taus: tuple[int, ...] = dataclasses.field(default_factory=default_taus)
-    lr: float = 0.05
+    lr: float = 1e-3
     batch_size: int = 128
     eta: float = 1.0
 
@@ -166,7 +166,7 @@ class SweepConfig:
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     hp: HPConfig = dataclasses.field(default_factory=HPConfig)
     ft: FTConfig = dataclasses.field(default_factory=FTConfig)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     ls_eta: float | None = 0.9  # extra lsHP run at max tau; None to skip
     vmap: bool = True  # batch FT runs over snapshots and seeds
     shard: tuple[int, int] = (0, 1)  # (i, n): run the i-th of n slices

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpft_jax import checkpoint, energy, errors, parallel, steps
-from hpft_jax.losses import accuracy
+from hpft_jax.losses import accuracy, cross_entropy
 from hpft_jax.params import merge, partition
 from hpft_jax.progress import bar
 
@@ -70,19 +70,20 @@ def make_ft_epoch(model, tx, ft_cfg, *, num_classes: int, num_train: int, mesh=N
                                  mesh=mesh, augment=augment)
     epoch = steps.make_epoch(step, batch_size=ft_cfg.batch_size, num_examples=num_train)
 
-    def acc(state, frozen, x, y):
+    def evaluate(state, frozen, x, y):
+        """(accuracy, cross-entropy with one-hot targets) in eval mode."""
         if x.shape[0] == 0:
-            return jnp.float32(jnp.nan)
+            return jnp.float32(jnp.nan), jnp.float32(jnp.nan)
         params = merge(frozen, state.params) if frozen else state.params
         logits, _ = steps.predict(model, steps.variables(params, state.batch_stats), x)
-        return accuracy(logits, y)
+        return accuracy(logits, y), cross_entropy(logits, jax.nn.one_hot(y, num_classes))
 
     def ft_epoch(carry: FTCarry, data, key, e, frozen=None):
         consts = (frozen,) if frozen else ()
         new_state, m = epoch(carry.state, data["train_x"], data["train_y"], key, e, *consts)
         state = _where(carry.stopped, carry.state, new_state)
-        val_acc = acc(state, frozen, data["val_x"], data["val_y"])
-        test_acc = acc(state, frozen, data["test_x"], data["test_y"])
+        val_acc, val_loss = evaluate(state, frozen, data["val_x"], data["val_y"])
+        test_acc, _ = evaluate(state, frozen, data["test_x"], data["test_y"])
         improved = (val_acc > carry.best_val) & ~carry.stopped
         bad = jnp.where(improved, 0, carry.bad_epochs + jnp.where(carry.stopped, 0, 1))
         new = FTCarry(
@@ -95,7 +96,8 @@ def make_ft_epoch(model, tx, ft_cfg, *, num_classes: int, num_train: int, mesh=N
             carry.stopped | (bad >= ft_cfg.patience),
         )
         metrics = {"loss": m["loss"], "grad_v_norm": m["grad_v_norm"],
-                   "train_acc": m["acc"].mean(), "val_acc": val_acc, "test_acc": test_acc,
+                   "train_acc": m["acc"].mean(), "val_acc": val_acc, "val_loss": val_loss,
+                   "test_acc": test_acc,
                    "active": ~carry.stopped}
         return new, metrics
 
@@ -165,7 +167,7 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     fn = jax.jit(jax.vmap(make_ft_epoch(model, tx, ft_cfg, num_classes=num_classes,
                                         num_train=n, mesh=mesh, augment=augment),
                           in_axes=(0, None, 0, None, 0)), donate_argnums=0)
-    history = {k: [] for k in ("loss", "train_acc", "val_acc", "test_acc", "active")}
+    history = {k: [] for k in ("loss", "train_acc", "val_acc", "val_loss", "test_acc", "active")}
     direction: list[np.ndarray] = []
     start = 0
     ckpt = checkpoint.EpochCheckpointer(ckpt_dir) if ckpt_dir else None
@@ -193,7 +195,7 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
         m = jax.device_get(m)
         errors.check_finite(m["loss"], stage="FT", epoch=e, steps_per_epoch=nb, runs=names)
         history["loss"].append(m["loss"].mean(axis=1))
-        for k in ("train_acc", "val_acc", "test_acc", "active"):
+        for k in ("train_acc", "val_acc", "val_loss", "test_acc", "active"):
             history[k].append(m[k])
         if sum(d.shape[1] for d in direction) < ft_cfg.direction_steps:
             direction.append(m["grad_v_norm"])
@@ -219,13 +221,15 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
             "epochs_run": int(hist["active"][r].sum()),
             "best_epoch": be,
             "val_acc": float(hist["val_acc"][r, be]),
+            "val_loss": float(hist["val_loss"][r, be]),
             "test_acc": float(hist["test_acc"][r, be]),
             "train_acc": float(train_acc_t[r]),
             "aie": float(aie0[r]),
             "p0y_hist": np.histogram(p_true0[r], bins=energy.P0Y_BINS, range=(0, 1))[0].tolist(),
             "adapt": {k: float(v[r]) for k, v in adapt.items()},
             "grad_v_norm": None if dirn is None else dirn[r].tolist(),
-            "curves": {k: hist[k][r].tolist() for k in ("loss", "train_acc", "val_acc", "test_acc")},
+            "curves": {k: hist[k][r, :int(hist["active"][r].sum())].tolist()
+                       for k in ("loss", "train_acc", "val_acc", "val_loss", "test_acc")},
         })
     final = {"params": full(carry.best_params), "batch_stats": carry.best_stats}
     if ckpt is not None:

@@ -42,6 +42,7 @@ def summarize(run: RunDir) -> dict:
                "hp_train_acc": _mean_std(r["hp_train_acc"] for r in h),
                "aie": _mean_std(r["aie"] for r in f) if f else _mean_std(r["aie_hp"] for r in h),
                "val_acc": _mean_std(r["val_acc"] for r in f),
+               "val_loss": _mean_std(r.get("val_loss") for r in f),
                "test_acc": _mean_std(r["test_acc"] for r in f),
                "epochs_run": _mean_std(r["epochs_run"] for r in f)}
         for k, _ in ADAPT:
@@ -51,13 +52,17 @@ def summarize(run: RunDir) -> dict:
 
 
 def pick_tau_star(summary: dict) -> int | None:
-    """τ with the best mean validation accuracy (ties: the smaller τ)."""
-    cands = [(t, row["val_acc"][0]) for (v, t), row in summary.items()
+    """τ with the best mean validation accuracy.
+
+    Small validation sets tie often; ties go to the lower mean validation
+    loss, then to the smaller τ. Test accuracy is never looked at.
+    """
+    cands = [(t, row["val_acc"][0], row["val_loss"][0]) for (v, t), row in summary.items()
              if v == "hp" and not math.isnan(row["val_acc"][0])]
     if not cands:
         return None
-    best = max(a for _, a in cands)
-    return min(t for t, a in cands if a == best)
+    key = lambda c: (-c[1], c[2] if not math.isnan(c[2]) else math.inf, c[0])  # noqa: E731
+    return min(cands, key=key)[0]
 
 
 def _pct(ms: tuple[float, float]) -> str:
@@ -189,11 +194,12 @@ def figures(run: RunDir, summary: dict) -> list[str]:
         fig.suptitle("p_0[y] at the start of FT (all seeds)")
         save(fig, "p0y_hist.png")
 
+        colors = plt.cm.viridis(np.linspace(0, 0.95, len(taus)))
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for t in taus:
+        for t, c in zip(taus, colors):
             g = [r["grad_v_norm"] for r in by_tau[t] if r.get("grad_v_norm")]
             if g:
-                ax.plot(np.mean(g, axis=0), label=f"τ={t}")
+                ax.plot(np.mean(g, axis=0), label=f"τ={t}", color=c)
         ax.set_xlabel("FT step")
         ax.set_ylabel("‖∇_v L‖")
         ax.set_yscale("log")
@@ -202,10 +208,10 @@ def figures(run: RunDir, summary: dict) -> list[str]:
         save(fig, "direction.png")
 
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for t in taus:
+        for t, c in zip(taus, colors):
             curves = [r["curves"]["val_acc"] for r in by_tau[t]]
             n = min(len(c) for c in curves)
-            ax.plot(100 * np.mean([c[:n] for c in curves], axis=0), label=f"τ={t}")
+            ax.plot(100 * np.mean([c[:n] for c in curves], axis=0), label=f"τ={t}", color=c)
         ax.set_xlabel("FT epoch")
         ax.set_ylabel("validation accuracy (%)")
         ax.legend(fontsize=7, ncol=2)
