@@ -521,7 +521,7 @@ def block_features_fn(module) -> Callable[[Any, jax.Array], tuple[jax.Array, ...
         bb = m.backbone if is_clf else m
         outs, h = [], x
         for s in range(n):
-            h = bb(h, train=False, start=s, stop=s + 1)
+            h = bb(h, train=False, start=None if s == 0 else s, stop=s + 1)  # None: stem first
             outs.append(global_avg_pool(h))
         return tuple(outs)
 

@@ -63,7 +63,6 @@ import re
 import struct
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hpft_jax import augment

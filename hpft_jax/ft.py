@@ -14,6 +14,7 @@ model on the same inputs and the four adaptation metrics.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, NamedTuple
 
@@ -44,16 +45,13 @@ def _where(pred, a, b):
 
 
 def init_carry(params, batch_stats, tx) -> FTCarry:
+    """Early-stopping state. The best-so-far slots start as zeros (the first
+    epoch always improves on best_val = -1); sharing the input buffers
+    instead would donate one buffer twice."""
     state = steps.init_state(params, batch_stats, tx)
-    return FTCarry(state, params, batch_stats, jnp.float32(-1.0), jnp.int32(-1),
-                   jnp.int32(0), jnp.bool_(False))
-
-
-def _own_buffers(carry: FTCarry) -> FTCarry:
-    """Give the best-so-far copies buffers of their own: the carry is donated,
-    and one buffer cannot be donated twice."""
-    copy = lambda t: jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), t)  # noqa: E731
-    return carry._replace(best_params=copy(carry.best_params), best_stats=copy(carry.best_stats))
+    zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)  # noqa: E731
+    return FTCarry(state, zeros(params), zeros(batch_stats), jnp.float32(-1.0),
+                   jnp.int32(-1), jnp.int32(0), jnp.bool_(False))
 
 
 def make_ft_epoch(model, tx, ft_cfg, *, num_classes: int, num_train: int, mesh=None,
@@ -104,8 +102,44 @@ def make_ft_epoch(model, tx, ft_cfg, *, num_classes: int, num_train: int, mesh=N
     return ft_epoch
 
 
+@functools.lru_cache(maxsize=16)
+def _epoch_program(model, ft_cfg, num_classes: int, num_train: int, mesh, augment: str):
+    """The jitted, vmapped FT epoch; cached so that sequential runs (one
+    ``finetune`` call per τ) reuse one compiled program."""
+    nb = steps.num_batches(num_train, ft_cfg.batch_size)
+    tx = steps.ft_optimizer(ft_cfg, ft_cfg.epochs * nb)
+    epoch = make_ft_epoch(model, tx, ft_cfg, num_classes=num_classes, num_train=num_train,
+                          mesh=mesh, augment=augment)
+    return jax.jit(jax.vmap(epoch, in_axes=(0, None, 0, None, 0)), donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _init_program(ft_cfg, num_train: int):
+    tx = steps.ft_optimizer(ft_cfg, ft_cfg.epochs * steps.num_batches(num_train, ft_cfg.batch_size))
+    return jax.jit(jax.vmap(lambda p, s: init_carry(p, s, tx)))
+
+
+@functools.lru_cache(maxsize=16)
+def _features_program(model):
+    """Jitted, vmapped over runs, eval mode on the fixed set (x, y):
+    ``(params, stats, x, y[, z0]) -> {z, aie, p_true, acc[, adapt]}``."""
+
+    def one(p, s, x, y, z0=None):
+        logits, z = steps.predict(model, steps.variables(p, s), x)
+        out = {"z": z, "aie": energy.aie(logits, y), "p_true": energy.p_true(logits, y),
+               "acc": accuracy(logits, y)}
+        if z0 is not None:
+            out["adapt"] = energy.adaptation(z0, z)
+        return out
+
+    start = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
+    end = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, 0)))
+    return lambda p, s, x, y, z0=None: start(p, s, x, y) if z0 is None else end(p, s, x, y, z0)
+
+
 def _stack(trees):
-    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
+    """Stack host or device trees along a new leading axis, on the host."""
+    return jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(v) for v in a]), *trees)
 
 
 def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], data: dict,
@@ -139,7 +173,6 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
         raise ValueError("FT early-stops on validation accuracy: the validation split is empty "
                          "(set val_fraction > 0)")
     nb = steps.num_batches(n, ft_cfg.batch_size)
-    tx = steps.ft_optimizer(ft_cfg, ft_cfg.epochs * nb)
     names = names or [f"run {i}" for i in range(len(inits))]
     dev = parallel.put_replicated({k: jnp.asarray(v) for k, v in data.items()}, mesh)
     keys = jnp.stack([seed_key(s, FT_DATA) for s in seeds])
@@ -152,21 +185,17 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
         frozen = parallel.put_replicated(frozen, mesh)
     else:
         train0, frozen = params0, None
-    carry = _own_buffers(jax.vmap(lambda p, s: init_carry(p, s, tx))(train0, stats0))
-    carry = parallel.put_replicated(carry, mesh)
+    train0, stats0 = parallel.put_replicated((train0, stats0), mesh)
+    carry = _init_program(ft_cfg, n)(train0, stats0)
     full = (lambda p: merge(frozen, p)) if frozen else (lambda p: p)  # noqa: E731
 
     # Energy and z_0 at the start of FT, eval mode, unaugmented inputs.
     ax, ay = parallel.put_replicated((jnp.asarray(adapt_x), jnp.asarray(adapt_y)), mesh)
-    feats = jax.jit(jax.vmap(lambda p, s: steps.predict(model, steps.variables(p, s), ax),
-                             in_axes=(0, 0)))
-    logits0, z0 = feats(full(carry.state.params), carry.state.batch_stats)
-    aie0 = np.asarray(jax.vmap(energy.aie, in_axes=(0, None))(logits0, ay))
-    p_true0 = np.asarray(jax.vmap(energy.p_true, in_axes=(0, None))(logits0, ay))
+    feats = _features_program(model)
+    at_start = jax.device_get(feats(full(train0), stats0, ax, ay))
+    z0 = at_start["z"]
 
-    fn = jax.jit(jax.vmap(make_ft_epoch(model, tx, ft_cfg, num_classes=num_classes,
-                                        num_train=n, mesh=mesh, augment=augment),
-                          in_axes=(0, None, 0, None, 0)), donate_argnums=0)
+    fn = _epoch_program(model, ft_cfg, num_classes, n, mesh, augment)
     history = {k: [] for k in ("loss", "train_acc", "val_acc", "val_loss", "test_acc", "active")}
     direction: list[np.ndarray] = []
     start = 0
@@ -208,9 +237,8 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
         pb.update()
     pb.close()
 
-    logits_t, zt = feats(full(carry.best_params), carry.best_stats)
-    adapt = jax.device_get(jax.vmap(energy.adaptation)(z0, zt))
-    train_acc_t = np.asarray(jax.vmap(accuracy, in_axes=(0, None))(logits_t, ay))
+    end = jax.device_get(feats(full(carry.best_params), carry.best_stats, ax, ay, z0))
+    adapt, train_acc_t = end["adapt"], end["acc"]
     best_epoch = np.asarray(carry.best_epoch)
     hist = {k: np.stack(v, axis=1) for k, v in history.items()}  # (R, epochs)
     dirn = np.concatenate(direction, axis=1)[:, : ft_cfg.direction_steps] if direction else None
@@ -224,8 +252,9 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
             "val_loss": float(hist["val_loss"][r, be]),
             "test_acc": float(hist["test_acc"][r, be]),
             "train_acc": float(train_acc_t[r]),
-            "aie": float(aie0[r]),
-            "p0y_hist": np.histogram(p_true0[r], bins=energy.P0Y_BINS, range=(0, 1))[0].tolist(),
+            "aie": float(at_start["aie"][r]),
+            "p0y_hist": np.histogram(at_start["p_true"][r], bins=energy.P0Y_BINS,
+                                     range=(0, 1))[0].tolist(),
             "adapt": {k: float(v[r]) for k, v in adapt.items()},
             "grad_v_norm": None if dirn is None else dirn[r].tolist(),
             "curves": {k: hist[k][r, :int(hist["active"][r].sum())].tolist()

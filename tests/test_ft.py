@@ -74,6 +74,7 @@ def test_ft_epoch_traces_once(setup, monkeypatch):
         return traced
 
     monkeypatch.setattr(ft, "make_ft_epoch", counting)
+    ft._epoch_program.cache_clear()
     _run(model, inits, [0, 1], data, cfg=dataclasses.replace(FT, epochs=5, patience=10))
     assert calls["n"] == 1
 

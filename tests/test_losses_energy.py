@@ -1,6 +1,5 @@
 """Smoothed targets, AIE and the four adaptation metrics against numpy."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -22,8 +22,14 @@ TINY = C.SweepConfig(
 )
 
 
-def _cfg(tmp_path, **kw):
-    return dataclasses.replace(TINY, runs_dir=str(tmp_path / "runs"), **kw)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One runs directory per module, so the pretrained backbone is cached once."""
+    return tmp_path_factory.mktemp("runs")
+
+
+def _cfg(runs_dir, **kw):
+    return dataclasses.replace(TINY, runs_dir=str(runs_dir), **kw)
 
 
 def _ft(run):
@@ -31,8 +37,8 @@ def _ft(run):
                   for r in run.records("ft"))
 
 
-def test_tiny_sweep_on_digits_end_to_end(tmp_path):
-    cfg = _cfg(tmp_path)
+def test_tiny_sweep_on_digits_end_to_end(runs):
+    cfg = _cfg(runs, name="e2e")
     run = run_sweep(cfg, progress=False)
     ft = list(run.records("ft"))
     assert len(ft) == len(plan(cfg)) == 3 * 2 + 2
@@ -52,7 +58,7 @@ def test_tiny_sweep_on_digits_end_to_end(tmp_path):
         assert C.from_dict(C.SweepConfig, json.load(f)) == cfg
 
 
-def test_sweep_on_tfds_mock_data(tmp_path):
+def test_sweep_on_tfds_mock_data(tmp_path):  # own runs dir: another pretraining source
     tfds = pytest.importorskip("tensorflow_datasets")
     cfg = _cfg(tmp_path, ls_eta=None, seeds=(0,),
                data=C.DataConfig(source="mnist", downstream="mnist:0,1,2", distort=False))
@@ -62,9 +68,9 @@ def test_sweep_on_tfds_mock_data(tmp_path):
 
 
 @pytest.mark.parametrize("vmap", [False, True])
-def test_killed_sweep_resumes_to_identical_metrics(tmp_path, vmap):
-    ref = run_sweep(_cfg(tmp_path, name="ref", vmap=vmap), progress=False)
-    cfg = _cfg(tmp_path, name="resumed", vmap=vmap)
+def test_killed_sweep_resumes_to_identical_metrics(runs, vmap):
+    ref = run_sweep(_cfg(runs, name=f"ref{vmap}", vmap=vmap), progress=False)
+    cfg = _cfg(runs, name=f"resumed{vmap}", vmap=vmap)
     with pytest.raises(KeyboardInterrupt):
         if vmap:  # killed in the middle of the batched FT
             run_sweep(cfg, progress=False, stop_after_epochs=1)
@@ -91,9 +97,13 @@ def test_opposite_energy_warns(tmp_path):
 
 
 def test_rerun_with_another_config_is_refused(tmp_path):
-    run_sweep(_cfg(tmp_path, seeds=(0,), ls_eta=None), progress=False)
-    with pytest.raises(ValueError, match="different config"):
-        run_sweep(_cfg(tmp_path, seeds=(1,), ls_eta=None), progress=False)
+    run = RunDir(str(tmp_path / "r"))
+    run.write_config(_cfg(tmp_path, name="r", seeds=(0,)))
+    run.write_config(_cfg(tmp_path, name="r", seeds=(0,), shard=(1, 2)))  # a shard: fine
+    with pytest.raises(ValueError, match=r"different config \(differs in \['seeds'\]\)"):
+        run.write_config(_cfg(tmp_path, name="r", seeds=(1,)))
+    with pytest.raises(ValueError, match="different config"):  # before any training
+        run_sweep(_cfg(tmp_path, name="r", seeds=(1,)), progress=False)
 
 
 @pytest.mark.parametrize("argv, msg", [
