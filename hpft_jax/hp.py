@@ -113,13 +113,14 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
     records: list[dict] = []
     total = sum(taus[-1] for _ in variants)
     pb = bar(total, "head probing", enabled=progress)
+    step = steps.make_hp_step(model, tx, num_classes=num_classes, split=split, mesh=mesh,
+                              augment=augment)
+    epoch_fn = steps.make_epoch(step, batch_size=hp_cfg.batch_size, num_examples=n)
+    run = jax.jit(jax.vmap(steps.make_hp_run(epoch_fn),
+                           in_axes=(0, None, None, 0, None, None, None, None)),
+                  donate_argnums=0)
     for variant, eta in variants.items():
-        step = steps.make_hp_step(model, tx, num_classes=num_classes, split=split, eta=eta,
-                                  mesh=mesh, augment=augment)
-        epoch_fn = steps.make_epoch(step, batch_size=hp_cfg.batch_size, num_examples=n)
-        run = jax.jit(jax.vmap(steps.make_hp_run(epoch_fn),
-                               in_axes=(0, None, None, 0, None, None, None)),
-                      donate_argnums=0)
+        eta_arr = jnp.float32(eta)
         params, stats = heads0
         state = jax.vmap(lambda p, s: steps.HPState(p, s, tx.init(p), jnp.zeros((), jnp.int32)))(
             params, stats)
@@ -128,10 +129,10 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
         done = 0
         for tau in wanted:
             if tau > done:
-                state = run(state, train_inputs, y, hp_keys, done, tau, frozen)
+                state = run(state, train_inputs, y, hp_keys, done, tau, frozen, eta_arr)
                 pb.update(tau - done)
                 done = tau
-            m = jax.device_get(eval_fn(state.params, state.batch_stats, frozen, eta))
+            m = jax.device_get(eval_fn(state.params, state.batch_stats, frozen, eta_arr))
             errors.check_finite(np.asarray(m["loss"])[:, None], stage=f"HP ({variant})",
                                 epoch=tau, steps_per_epoch=nb,
                                 runs=[f"seed {s}" for s in seeds])

@@ -210,11 +210,13 @@ class HPState(NamedTuple):
     step: jax.Array
 
 
-def make_hp_step(model, tx, *, num_classes: int, split: int,
-                 eta: float | jax.Array, mesh=None, augment: str = "none"):
-    """``step(state, h, y, key, frozen) -> (state, metrics)`` on trunk features h.
+def make_hp_step(model, tx, *, num_classes: int, split: int, mesh=None,
+                 augment: str = "none"):
+    """``step(state, h, y, key, frozen, eta) -> (state, metrics)`` on trunk features h.
 
-    ``frozen = (frozen_params, frozen_stats)``: everything HP does not train.
+    ``frozen = (frozen_params, frozen_stats)``: everything HP does not train;
+    ``eta``: the HP label-smoothing weight (an argument, so that HP and lsHP
+    share one compiled program).
 
     Without augmentation, h: (B, ...) = ``model.trunk(x, split=split)``
     computed once in eval mode (the features are cached). With augmentation,
@@ -225,7 +227,7 @@ def make_hp_step(model, tx, *, num_classes: int, split: int,
     """
     aug = _augment_fn(augment)
 
-    def loss_fn(params, batch_stats, h, y, frozen_params, frozen_stats):
+    def loss_fn(params, batch_stats, h, y, frozen_params, frozen_stats, eta):
         full = merge(frozen_params, params)
         targets = smooth_targets(y, num_classes, eta)
         if batch_stats:
@@ -239,7 +241,7 @@ def make_hp_step(model, tx, *, num_classes: int, split: int,
             new_bs = batch_stats
         return cross_entropy(logits, targets), (new_bs, logits)
 
-    def step(state: HPState, h, y, key, frozen):
+    def step(state: HPState, h, y, key, frozen, eta):
         frozen_params, frozen_stats = frozen
         h = parallel.shard_batch(h, mesh)
         if aug is not None:
@@ -247,7 +249,7 @@ def make_hp_step(model, tx, *, num_classes: int, split: int,
                             split=split, train=False, method=model.trunk)
             h = jax.lax.stop_gradient(h)
         (loss, (new_bs, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.batch_stats, h, y, frozen_params, frozen_stats)
+            state.params, state.batch_stats, h, y, frozen_params, frozen_stats, eta)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return HPState(params, new_bs, opt_state, state.step + 1), {

@@ -51,10 +51,10 @@ def test_hp_step_never_touches_the_trunk():
     hparams, hstats, fparams, fstats, split = hp.split_head(model, base, 0)
     feats = model.apply(base, jnp.asarray(x), split=split, method=model.trunk)
     tx = steps.hp_optimizer(HP)
-    step = steps.make_hp_step(model, tx, num_classes=3, split=split, eta=1.0)
+    step = steps.make_hp_step(model, tx, num_classes=3, split=split)
     state = steps.HPState(hparams, hstats, tx.init(hparams), jnp.int32(0))
     jaxpr = str(jax.make_jaxpr(step)(state, feats[:8], jnp.asarray(y[:8]), jax.random.key(0),
-                                     (fparams, fstats)))
+                                     (fparams, fstats), jnp.float32(1.0)))
     assert "conv_general_dilated" not in jaxpr
     assert "dot_general" in jaxpr  # the linear head is there
 
@@ -98,8 +98,9 @@ def test_hp_traces_once_for_all_segments(monkeypatch):
     monkeypatch.setattr(steps, "make_hp_run", counting)
     x, y = blobs(64)
     model = tiny_model()
-    _probe(model, init_vars(model, x), x, y, cfg=HPConfig(taus=(0, 1, 2, 4, 8), batch_size=32))
-    assert calls["n"] == 1
+    _probe(model, init_vars(model, x), x, y, cfg=HPConfig(taus=(0, 1, 2, 4, 8), batch_size=32),
+           variants={"hp": 1.0, "lshp": 0.9})
+    assert calls["n"] == 1  # every segment, HP and lsHP, in one compiled program
 
 
 def test_hp_rejects_batch_larger_than_data():
