@@ -70,6 +70,16 @@ class DataConfig:
         if self.augment not in ("none", "flip_crop"):
             raise ValueError(
                 f"augment must be 'none' or 'flip_crop'; got {self.augment!r}")
+        if int(self.seed) != self.seed or not 0 <= self.seed < 2**32:
+            raise ValueError(f"data seed must be an integer in [0, 2**32); got {self.seed}")
+        if not self.max_rotation >= 0:
+            raise ValueError(f"max_rotation must be >= 0 degrees; got {self.max_rotation}")
+        if len(self.zoom) != 2 or not 0 < self.zoom[0] <= self.zoom[1]:
+            raise ValueError(f"zoom must be (lo, hi) with 0 < lo <= hi; got {self.zoom}")
+        if self.per_class is not None and self.per_class < 1:
+            raise ValueError(f"per_class must be >= 1 or None; got {self.per_class}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1 or None; got {self.image_size}")
 
 
 @dataclasses.dataclass(frozen=True)

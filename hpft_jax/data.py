@@ -665,23 +665,12 @@ def _assemble(spec: DataSpec, name: str, base: _Base, plan, *, distort: bool,
                    test=splits[2], mean=mean, std=std)
 
 
-def _check_config(cfg: DataConfig) -> None:
-    if not 0 <= cfg.seed < 2**32 or int(cfg.seed) != cfg.seed:
-        raise ValueError(f"seed must be an integer in [0, 2**32); got {cfg.seed}")
-    augment._check_rotate_zoom_options(cfg.max_rotation, tuple(cfg.zoom))
-    if cfg.per_class is not None and cfg.per_class < 1:
-        raise ValueError(f"per_class must be >= 1 or None; got {cfg.per_class}")
-    if cfg.image_size is not None and cfg.image_size < 1:
-        raise ValueError(f"image_size must be >= 1 or None; got {cfg.image_size}")
-
-
 def load_source(cfg: DataConfig) -> Dataset:
     """Pretraining data ``cfg.source``: undistorted, all its classes.
 
     If ``cfg.downstream`` reads the same base data set, the originals of the
     downstream val and test splits are removed first (no leakage).
     """
-    _check_config(cfg)
     spec, down = parse_spec(cfg.source), parse_spec(cfg.downstream)
     base = _load_base(spec, cfg)
     exclude = None
@@ -697,7 +686,6 @@ def load_source(cfg: DataConfig) -> Dataset:
 
 def load_downstream(cfg: DataConfig) -> Dataset:
     """HP/FT data ``cfg.downstream``, rotated and zoomed if ``cfg.distort``."""
-    _check_config(cfg)
     spec = parse_spec(cfg.downstream)
     base = _load_base(spec, cfg)
     plan = _downstream_plan(base, spec, cfg)
