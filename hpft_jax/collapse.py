@@ -520,8 +520,8 @@ def block_features_fn(module) -> Callable[[Any, jax.Array], tuple[jax.Array, ...
     def chain(m, x):
         bb = m.backbone if is_clf else m
         outs, h = [], x
-        for s in range(n):
-            h = bb(h, train=False, start=s, stop=s + 1)
+        for s in range(n):  # start=None: raw input, the stem runs first
+            h = bb(h, train=False, start=None if s == 0 else s, stop=s + 1)
             outs.append(global_avg_pool(h))
         return tuple(outs)
 
