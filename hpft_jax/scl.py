@@ -73,6 +73,6 @@ class SCLClassifier(nn.Module):
 def with_skip(model: Classifier, block: int | str) -> SCLClassifier:
     """The SCL version of a plain :class:`Classifier` (same parameters)."""
     if not isinstance(model, Classifier):
-        raise ValueError(f"model must be a hpft_jax.models.Classifier; got {type(model).__name__}")
+        raise TypeError(f"model must be a hpft_jax.models.Classifier; got {type(model).__name__}")
     return SCLClassifier(backbone=model.backbone, head=model.head,
                          block=block_index(model.backbone, block))

@@ -137,8 +137,6 @@ class Meter:
     """
 
     def __init__(self, plain_model, x, y, num_classes: int, *, chunk: int = EVAL_CHUNK):
-        import jax
-
         from hpft_jax import collapse as nc
 
         self.names = block_names(plain_model)
@@ -147,13 +145,13 @@ class Meter:
         self.chunks = [(x[i:i + chunk], y[i:i + chunk]) for i in range(0, len(x), chunk)]
         self.y = y
         self._z_fns: dict[Any, Any] = {}
-        self._jax = jax
 
     def _z(self, model, variables):
+        import jax
         import numpy as np
 
         if model not in self._z_fns:
-            self._z_fns[model] = self._jax.jit(lambda v, x: model.apply(v, x, train=False)[1])
+            self._z_fns[model] = jax.jit(lambda v, x: model.apply(v, x, train=False)[1])
         fn = self._z_fns[model]
         return np.concatenate([np.asarray(fn(variables, xb)) for xb, _ in self.chunks])
 
@@ -301,13 +299,19 @@ def summarize(run) -> tuple[dict, dict | None]:
         out[key] = row
     order = {m: i for i, m in enumerate(METHODS)}
     blocks = pre["blocks"] if pre else []
-    pos = lambda b: -1 if b is None else (blocks.index(b) if b in blocks else len(blocks))  # noqa: E731
+
+    def pos(b):
+        return -1 if b is None else (blocks.index(b) if b in blocks else len(blocks))
+
     return dict(sorted(out.items(), key=lambda kv: (order[kv[0][0]], pos(kv[0][1])))), pre
 
 
 def _fmt(ms, scale=1.0, fmt="{:.2f}") -> str:
     m, s = ms
-    return "n/a" if math.isnan(m) else f"{fmt.format(scale * m)} ± {fmt.format(scale * s)}"
+    if math.isnan(m):
+        return "n/a"
+    s = 0.0 if s <= 1e-9 * abs(m) else s  # float noise of identical runs
+    return f"{fmt.format(scale * m)} ± {fmt.format(scale * s)}"
 
 
 def table3(summary: dict, pre: dict | None) -> str:
@@ -361,20 +365,21 @@ def figures(run, summary: dict, pre: dict | None) -> list[str]:
 
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
     for ax, b in zip(axes[0], panels):
-        if pre is not None:
-            ax.plot(xs, [pre["layer_nc1"][n] for n in names] + [pre["z"]["nc1"]],
-                    color="0.5", ls=":", marker=".", label="pretrained")
         for (m, bb), row in summary.items():
             if bb is None or bb == b:
                 c, mk = style[m]
                 ax.plot(xs, curve(row), color=c, marker=mk, label=LABELS[m])
+        if pre is not None:  # on top: a frozen MLP's linear probe hides it otherwise
+            ax.plot(xs, [pre["layer_nc1"][n] for n in names] + [pre["z"]["nc1"]],
+                    color="k", ls=":", marker=".", label="pretrained (no FT)")
         ax.set_yscale("log")
         ax.set_xticks(xs, ticks, rotation=45, fontsize=7)
         ax.set_title("no block tuned" if b is None else f"tuned block: {b}", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("NC1 (train, eval mode)")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle("Layer-wise NC1 after each method (companion paper Fig. 10)", fontsize=10)
+    fig.suptitle("Layer-wise NC1 on the training set after each method (companion paper "
+                 "Fig. 10); z = the head's input", fontsize=10)
     fig.tight_layout()
     p = run.figures("layerwise_nc1.png")
     fig.savefig(p, dpi=120)
@@ -425,8 +430,8 @@ def report(run_dir: str, *, write_figures: bool = True, out=print) -> str:
     n = max((row["n_seeds"] for row in summary.values()), default=0)
     text = "\n\n".join([
         f"# Collapse report: {run.path}",
-        f"## Table 3 layout (mean ± std over {n} seeds; NC1, CDNV, rank of the head's "
-        "input z on the training set, eval mode)",
+        (f"## Table 3 layout (mean ± std over {n} seeds; NC1, CDNV, rank of the head's "
+         "input z on the training set, eval mode)"),
         table3(summary, pre),
     ])
     if write_figures:
