@@ -53,6 +53,8 @@ FLAGS: dict[str, tuple[str | None, str, Callable[[str], Any], str]] = {
     "--seeds": (None, "seeds", _ints, "comma-separated seeds (HP head init and data order)"),
     "--ls-eta": (None, "ls_eta", _opt_float, "η_HP of the extra lsHP run at the largest τ, or 'none'"),
     "--shard": (None, "shard", _shard, "run slice i of n of the FT runs (job arrays)"),
+    "--max-batch-runs": (None, "max_batch_runs", int,
+                         "at most this many FT runs per vmapped program (memory)"),
     "--source": ("data", "source", str, "pretraining data: digits | mnist | cifar10 | idx:DIR | npz:FILE ..."),
     "--downstream": ("data", "downstream", str, "downstream data, e.g. digits:0,1,2 or stl10"),
     "--data-dir": ("data", "data_dir", str, "tfds data_dir"),

@@ -179,6 +179,7 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     ls_eta: float | None = 0.9  # extra lsHP run at max tau; None to skip
     vmap: bool = True  # batch FT runs over snapshots and seeds
+    max_batch_runs: int | None = None  # cap on runs per vmapped program (memory)
     shard: tuple[int, int] = (0, 1)  # (i, n): run the i-th of n slices
 
     def __post_init__(self):
@@ -189,6 +190,8 @@ class SweepConfig:
             raise ValueError(f"shard must be i/n with 0 <= i < n; got {i}/{n}")
         if not self.seeds:
             raise ValueError("at least one seed is needed")
+        if self.max_batch_runs is not None and self.max_batch_runs < 1:
+            raise ValueError(f"max_batch_runs must be >= 1; got {self.max_batch_runs}")
 
 
 # --------------------------------------------------------------------------

@@ -79,6 +79,14 @@ def base_variables(model, pretrained: dict, reinit_blocks: int, x_example) -> tu
                            reinit=lambda p: is_head_path(p, blocks))
 
 
+def batch_groups(todo: list[RunKey], cfg: config_lib.SweepConfig) -> list[list[RunKey]]:
+    """FT runs per compiled program: all of them, at most ``max_batch_runs``,
+    or one each with ``vmap=False``. Chunks follow the plan's order, so a
+    resumed sweep re-forms the same unfinished groups."""
+    size = 1 if not cfg.vmap else (cfg.max_batch_runs or max(len(todo), 1))
+    return [todo[i:i + size] for i in range(0, len(todo), size)]
+
+
 def _group_id(keys: list[RunKey]) -> str:
     return hashlib.sha256(repr(sorted(keys)).encode()).hexdigest()[:12]
 
@@ -155,7 +163,7 @@ def run_sweep(cfg: config_lib.SweepConfig, *, progress: bool = True,
 
     finished = {(r["variant"], r["seed"], r["tau"]) for r in run.records("ft")}
     todo = [k for k in plan(cfg) if tuple(k) not in finished]
-    groups = [todo] if cfg.vmap else [[k] for k in todo]
+    groups = batch_groups(todo, cfg)
     data = {"train_x": ds.train.x, "train_y": ds.train.y, "val_x": ds.val.x, "val_y": ds.val.y,
             "test_x": ds.test.x, "test_y": ds.test.y}
     etas = variants(cfg)

@@ -89,6 +89,17 @@ def test_shards_partition_the_plan(tmp_path):
     assert not set(parts[0]) & set(parts[1])
 
 
+def test_batch_groups_cover_the_plan_in_order(tmp_path):
+    from hpft_jax.sweep import batch_groups
+
+    todo = plan(_cfg(tmp_path))
+    for cfg, sizes in ((_cfg(tmp_path), [8]), (_cfg(tmp_path, max_batch_runs=3), [3, 3, 2]),
+                       (_cfg(tmp_path, vmap=False), [1] * 8)):
+        groups = batch_groups(todo, cfg)
+        assert [len(g) for g in groups] == sizes
+        assert sum(groups, []) == todo
+
+
 def test_opposite_energy_warns(tmp_path):
     cfg = _cfg(tmp_path, ft=dataclasses.replace(TINY.ft, eta=0.8))
     with pytest.warns(UserWarning, match="opposite energy"):
