@@ -209,12 +209,12 @@ def heatmaps(run, mats: dict) -> str:
                              squeeze=False)
     for ax, s in zip(axes[0], names):
         a = 100 * mats[s]
-        im = ax.imshow(a, cmap="viridis", vmin=np.nanmin(a), vmax=100, origin="upper")
+        lo, hi = np.nanmin(a), max(np.nanmax(a), np.nanmin(a) + 1e-3)
+        im = ax.imshow(a, cmap="viridis", vmin=lo, vmax=hi, origin="upper")
         for j in range(n):
             for i in range(n):
-                light = a[j, i] < (np.nanmin(a) + 100) / 2
-                ax.text(i, j, f"{a[j, i]:.0f}", ha="center", va="center", fontsize=8,
-                        color="w" if light else "k")
+                ax.text(i, j, f"{a[j, i]:.1f}", ha="center", va="center", fontsize=7,
+                        color="w" if a[j, i] < (lo + hi) / 2 else "k")
         ax.set_xticks(range(n), [str(t) for t in taus])
         ax.set_yticks(range(n), [str(t) for t in taus])
         ax.set_xlabel("backbone from HPτ-FT (τ)")
