@@ -121,7 +121,9 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
                   donate_argnums=0)
     for variant, eta in variants.items():
         eta_arr = jnp.float32(eta)
-        params, stats = heads0
+        # Fresh buffers per variant: ``run`` donates the state, and the vmap
+        # below forwards heads0's own arrays into it.
+        params, stats = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), heads0)
         state = jax.vmap(lambda p, s: steps.HPState(p, s, tx.init(p), jnp.zeros((), jnp.int32)))(
             params, stats)
         state = parallel.put_replicated(state, mesh)  # same sharding as the outputs: no retrace
