@@ -88,7 +88,9 @@ FLAGS: dict[str, tuple[str | None, str, Callable[[str], Any], str]] = {
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration (defaults: hpft_jax/config.py)")
     for flag, (_, _, tp, hlp) in FLAGS.items():
-        g.add_argument(flag, type=tp, default=None, help=hlp)
+        # SUPPRESS: an absent flag leaves no attribute, so "--ls-eta none"
+        # (a real None) is not mistaken for "flag not given".
+        g.add_argument(flag, type=tp, default=argparse.SUPPRESS, help=hlp)
     g.add_argument("--batch-size", type=int, default=None,
                    help="batch size of pretraining, HP and FT")
     g.add_argument("--no-distort", action="store_true", help="no downstream rotation/zoom")
@@ -109,10 +111,9 @@ def config_from_args(args: argparse.Namespace) -> C.SweepConfig:
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {s: {} for s in ("data", "model", "pretrain", "hp", "ft")}
     for flag, (section, field, _, _) in FLAGS.items():
-        val = getattr(args, flag[2:].replace("-", "_"))
-        if val is None:
-            continue
-        (top if section is None else sections[section])[field] = val
+        dest = flag[2:].replace("-", "_")
+        if hasattr(args, dest):
+            (top if section is None else sections[section])[field] = getattr(args, dest)
     if args.batch_size is not None:
         for s in ("pretrain", "hp", "ft"):
             sections[s]["batch_size"] = args.batch_size

@@ -40,3 +40,18 @@ def test_other_validation():
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         C.HPConfig().lr = 1.0
+
+
+def test_cli_flags_fill_the_dataclasses():
+    from hpft_jax.cli import build_parser, config_from_args
+
+    def cfg(*argv):
+        return config_from_args(build_parser().parse_args(["sweep", *argv]))
+
+    assert cfg() == C.SweepConfig()
+    assert cfg("--ls-eta", "none").ls_eta is None  # an explicit None is kept
+    c = cfg("--tau", "0,2,8", "--eta-hp", "0.9", "--head", "mlp", "--batch-size", "64",
+            "--downstream", "digits:3,4", "--sequential", "--shard", "1/4")
+    assert c.hp.taus == (0, 2, 8) and c.hp.eta == 0.9 and c.model.head == "mlp"
+    assert c.pretrain.batch_size == c.hp.batch_size == c.ft.batch_size == 64
+    assert c.data.downstream == "digits:3,4" and not c.vmap and c.shard == (1, 4)

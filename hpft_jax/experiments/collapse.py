@@ -455,7 +455,7 @@ def config_from_args(args) -> CollapseConfig:
     from hpft_jax import cli
 
     sw = cli.config_from_args(args)
-    if args.name is None:
+    if getattr(args, "name", None) is None:
         sw = dataclasses.replace(sw, name="collapse")
     kw: dict[str, Any] = {"sweep": sw}
     if args.blocks is not None:

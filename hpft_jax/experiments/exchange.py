@@ -249,8 +249,8 @@ def _cmd(args: argparse.Namespace) -> None:
     from hpft_jax import cli
 
     cfg = cli.config_from_args(args)
-    cfg = dataclasses.replace(cfg, name=args.name or "exchange",
-                              seeds=cfg.seeds if args.seeds is not None else (0,))
+    cfg = dataclasses.replace(cfg, name=getattr(args, "name", None) or "exchange",
+                              seeds=cfg.seeds if hasattr(args, "seeds") else (0,))
     cfg = exchange_config(cfg, taus=args.taus, n_taus=args.n_taus)
     run = run_exchange(cfg, progress=not args.quiet)
     report(run, write_figures=not args.no_figures)

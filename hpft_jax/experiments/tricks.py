@@ -334,7 +334,7 @@ def _cmd(args: argparse.Namespace) -> None:
     from hpft_jax import cli
 
     cfg = cli.config_from_args(args)
-    cfg = tricks_config(dataclasses.replace(cfg, name=args.name or "tricks"))
+    cfg = tricks_config(dataclasses.replace(cfg, name=getattr(args, "name", None) or "tricks"))
     run = run_tricks(cfg, reinit=args.reinit, progress=not args.quiet)
     report(run, write_figures=not args.no_figures)
 
