@@ -146,7 +146,7 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
              adapt_x, adapt_y, *, num_classes: int, augment: str = "none", mesh=None,
              ckpt_dir: str | None = None, names: list[str] | None = None,
              progress: bool = True, stop_after_epochs: int | None = None,
-             trainable=None) -> tuple[list[dict], dict]:
+             trainable=None, ckpt_every_s: float = 30.0) -> tuple[list[dict], dict]:
     """Finetune R runs together; returns one result dict per run.
 
     ``inits[r] = (params, batch_stats)`` at the start of FT (pretrained
@@ -154,7 +154,9 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     host arrays ``train_x, train_y, val_x, val_y, test_x, test_y``;
     ``adapt_x, adapt_y`` the fixed, unaugmented set for AIE and the
     adaptation metrics. With ``ckpt_dir`` the batch resumes from its last
-    finished epoch. ``stop_after_epochs`` interrupts (for tests) after that
+    checkpointed epoch (written at most every ``ckpt_every_s`` seconds of
+    training, so a kill loses at most that much; 0 saves every epoch).
+    ``stop_after_epochs`` interrupts (for tests) after that
     many epochs of this call, as a kill would. ``trainable(path) -> bool``
     restricts training to a subset of the parameters (Layer FT); the rest
     get no gradients and no optimizer state.
@@ -212,6 +214,7 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     pb = bar(ft_cfg.epochs, f"finetune x{len(inits)}", enabled=progress)
     pb.update(start)
     ran = 0
+    last_save = time.monotonic()
     for e in range(start, ft_cfg.epochs):
         if bool(np.all(np.asarray(carry.stopped))):
             break
@@ -228,7 +231,8 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
             history[k].append(m[k])
         if sum(d.shape[1] for d in direction) < ft_cfg.direction_steps:
             direction.append(m["grad_v_norm"])
-        if ckpt is not None:
+        if ckpt is not None and time.monotonic() - last_save >= ckpt_every_s:
+            last_save = time.monotonic()
             ckpt.save(e, carry, {"history": {k: [v.tolist() for v in vs] for k, vs in history.items()},
                                  "direction": [d.tolist() for d in direction]})
         ran += 1

@@ -139,11 +139,12 @@ def ft_inits(probe: hp.Probe, keys: list[RunKey], seeds: list[int]) -> list[tupl
 
 def run_sweep(cfg: config_lib.SweepConfig, *, progress: bool = True,
               stop_after_epochs: int | None = None, stop_after_groups: int | None = None,
-              save_final: bool = False) -> RunDir:
+              save_final: bool = False, ckpt_every_s: float = 30.0) -> RunDir:
     """Run (or continue) the sweep; returns its :class:`RunDir`.
 
     ``stop_after_*`` interrupt the run as a kill would (used by the resume
-    tests). ``save_final`` keeps each run's finetuned variables under
+    tests). ``ckpt_every_s``: FT checkpoint interval (0: every epoch).
+    ``save_final`` keeps each run's finetuned variables under
     ``checkpoints/final/`` (for head exchange).
     """
     from hpft_jax import data as data_lib
@@ -175,7 +176,7 @@ def run_sweep(cfg: config_lib.SweepConfig, *, progress: bool = True,
             model, cfg.ft, ft_inits(probe, group, list(cfg.seeds)), [k.seed for k in group], data,
             ds.train.x, ds.train.y, num_classes=ds.num_classes, augment=cfg.data.augment,
             mesh=mesh, ckpt_dir=run.checkpoints("ft", gid), names=[k.label for k in group],
-            progress=progress, stop_after_epochs=stop_after_epochs)
+            progress=progress, stop_after_epochs=stop_after_epochs, ckpt_every_s=ckpt_every_s)
         if save_final:
             for r, k in enumerate(group):
                 tree = jax.tree_util.tree_map(lambda a: np.asarray(a[r]), final)

@@ -84,7 +84,8 @@ def test_nan_loss_names_the_step_and_keeps_the_checkpoint(setup, tmp_path):
     ck = str(tmp_path / "ck")
     good = dataclasses.replace(FT, epochs=6, patience=10)
     with pytest.raises(KeyboardInterrupt):  # two good epochs, checkpointed
-        _run(model, inits[:1], [0], data, cfg=good, ckpt_dir=ck, stop_after_epochs=2)
+        _run(model, inits[:1], [0], data, cfg=good, ckpt_dir=ck, stop_after_epochs=2,
+             ckpt_every_s=0)
     bad = dataclasses.replace(good, lr=1e12)  # continue with a learning rate that diverges
     with pytest.raises(NonFiniteLossError, match=r"run 0: step \d+ \(epoch 2, batch \d+\)"):
         _run(model, inits[:1], [0], data, cfg=bad, ckpt_dir=ck)
@@ -104,7 +105,8 @@ def test_interrupted_ft_resumes_to_identical_results(setup, tmp_path):
     ref, _ = _run(model, inits, [0, 1], data, cfg=cfg)
     ck = str(tmp_path / "ft")
     with pytest.raises(KeyboardInterrupt):
-        _run(model, inits, [0, 1], data, cfg=cfg, ckpt_dir=ck, stop_after_epochs=2)
+        _run(model, inits, [0, 1], data, cfg=cfg, ckpt_dir=ck, stop_after_epochs=2,
+             ckpt_every_s=0)
     assert os.path.isdir(ck)
     res, _ = _run(model, inits, [0, 1], data, cfg=cfg, ckpt_dir=ck)
     assert res == ref

@@ -73,7 +73,7 @@ def test_killed_sweep_resumes_to_identical_metrics(runs, vmap):
     cfg = _cfg(runs, name=f"resumed{vmap}", vmap=vmap)
     with pytest.raises(KeyboardInterrupt):
         if vmap:  # killed in the middle of the batched FT
-            run_sweep(cfg, progress=False, stop_after_epochs=1)
+            run_sweep(cfg, progress=False, stop_after_epochs=1, ckpt_every_s=0)
         else:  # killed after the first τ finished
             run_sweep(cfg, progress=False, stop_after_groups=1)
     done = len(list(RunDir(os.path.join(cfg.runs_dir, cfg.name)).records("ft")))
