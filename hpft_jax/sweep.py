@@ -67,6 +67,22 @@ def warn_opposite_energy(cfg: config_lib.SweepConfig) -> None:
                 stacklevel=2)
 
 
+def split_arrays(ds) -> dict:
+    """``{train,val,test}_{x,y}`` host arrays of a :class:`hpft_jax.data.Dataset`."""
+    return {f"{name}_{k}": getattr(getattr(ds, name), k)
+            for name in ("train", "val", "test") for k in ("x", "y")}
+
+
+def pretrained_for(cfg: config_lib.SweepConfig, run: RunDir, *, mesh=None,
+                   progress: bool = True) -> dict:
+    """The cached pretrained variables for ``cfg``; logged once per run."""
+    logged = any(True for _ in run.records("pretrain"))
+    pre_vars, _ = pretrain.get_or_train(cfg.data, cfg.model, cfg.pretrain, cfg.runs_dir,
+                                        mesh=mesh, progress=progress,
+                                        log=None if logged else run.log)
+    return pre_vars
+
+
 def base_variables(model, pretrained: dict, reinit_blocks: int, x_example) -> tuple[dict, list[str]]:
     """Fresh downstream model with the pretrained backbone loaded into it.
 
@@ -154,10 +170,7 @@ def run_sweep(cfg: config_lib.SweepConfig, *, progress: bool = True,
     run.write_config(cfg)
     mesh = parallel.data_mesh()
     ds = data_lib.load_downstream(cfg.data)
-    logged_pre = any(True for _ in run.records("pretrain"))
-    pre_vars, _ = pretrain.get_or_train(cfg.data, cfg.model, cfg.pretrain, cfg.runs_dir,
-                                        mesh=mesh, progress=progress,
-                                        log=None if logged_pre else run.log)
+    pre_vars = pretrained_for(cfg, run, mesh=mesh, progress=progress)
     model = make_classifier(cfg.model, ds.num_classes)
     base, _ = base_variables(model, pre_vars, cfg.model.reinit_blocks, jnp.asarray(ds.train.x[:2]))
     probe = run_hp(cfg, run, model, base, ds, mesh=mesh, progress=progress)
@@ -165,8 +178,7 @@ def run_sweep(cfg: config_lib.SweepConfig, *, progress: bool = True,
     finished = {(r["variant"], r["seed"], r["tau"]) for r in run.records("ft")}
     todo = [k for k in plan(cfg) if tuple(k) not in finished]
     groups = batch_groups(todo, cfg)
-    data = {"train_x": ds.train.x, "train_y": ds.train.y, "val_x": ds.val.x, "val_y": ds.val.y,
-            "test_x": ds.test.x, "test_y": ds.test.y}
+    data = split_arrays(ds)
     etas = variants(cfg)
     for gi, group in enumerate(g for g in groups if g):
         if stop_after_groups is not None and gi >= stop_after_groups:

@@ -217,11 +217,11 @@ def run_collapse(cfg: CollapseConfig, *, progress: bool = True):
     """
     import jax.numpy as jnp
 
-    from hpft_jax import data as data_lib, hp, parallel, pretrain
+    from hpft_jax import data as data_lib, hp, parallel
     from hpft_jax.models import make_classifier
     from hpft_jax.params import merge
     from hpft_jax.runlog import RunDir
-    from hpft_jax.sweep import base_variables
+    from hpft_jax.sweep import base_variables, pretrained_for, split_arrays
 
     sw = cfg.sweep
     ds = data_lib.load_downstream(sw.data)
@@ -235,9 +235,7 @@ def run_collapse(cfg: CollapseConfig, *, progress: bool = True):
             (j.method, j.block, s) in done for j in jobs for s in sw.seeds):
         return run  # finished
     mesh = parallel.data_mesh()
-    logged_pre = any(True for _ in run.records("pretrain"))
-    pre_vars, _ = pretrain.get_or_train(sw.data, sw.model, sw.pretrain, sw.runs_dir, mesh=mesh,
-                                        progress=progress, log=None if logged_pre else run.log)
+    pre_vars = pretrained_for(sw, run, mesh=mesh, progress=progress)
     x2 = jnp.asarray(ds.train.x[:2])
     base, _ = base_variables(model, pre_vars, 0, x2)
     meter = Meter(model, ds.train.x, ds.train.y, k)
@@ -251,8 +249,7 @@ def run_collapse(cfg: CollapseConfig, *, progress: bool = True):
     _, _, fparams, fstats, _ = hp.split_head(model, base, 0)
     inits = [(merge(fparams, _take(heads, i)), merge(fstats, _take(head_stats, i)))
              for i in range(len(seeds))]
-    data = {"train_x": ds.train.x, "train_y": ds.train.y, "val_x": ds.val.x, "val_y": ds.val.y,
-            "test_x": ds.test.x, "test_y": ds.test.y}
+    data = split_arrays(ds)
     for job in jobs:
         todo = [i for i, s in enumerate(seeds) if (job.method, job.block, s) not in done]
         if not todo:

@@ -145,7 +145,7 @@ def run_tricks(cfg, *, reinit=(1, 2, 3), progress: bool = True):
     Returns the :class:`~hpft_jax.runlog.RunDir` (``runs/<name>``)."""
     import jax.numpy as jnp
 
-    from hpft_jax import data as data_lib, ft, parallel, pretrain
+    from hpft_jax import data as data_lib, ft, parallel, sweep
     from hpft_jax.models import make_classifier
     from hpft_jax.params import head_block_names
     from hpft_jax.runlog import RunDir
@@ -166,12 +166,8 @@ def run_tricks(cfg, *, reinit=(1, 2, 3), progress: bool = True):
 
     mesh = parallel.data_mesh()
     ds = data_lib.load_downstream(cfg.data)
-    logged_pre = any(True for _ in run.records("pretrain"))
-    pre_vars, _ = pretrain.get_or_train(cfg.data, cfg.model, cfg.pretrain, cfg.runs_dir,
-                                        mesh=mesh, progress=progress,
-                                        log=None if logged_pre else run.log)
-    data = {"train_x": ds.train.x, "train_y": ds.train.y, "val_x": ds.val.x, "val_y": ds.val.y,
-            "test_x": ds.test.x, "test_y": ds.test.y}
+    pre_vars = sweep.pretrained_for(cfg, run, mesh=mesh, progress=progress)
+    data = sweep.split_arrays(ds)
     order = {c.name: i for i, c in enumerate(cases)}
     for head in ("linear", "mlp"):
         mcfg = dataclasses.replace(cfg.model, head=head)
@@ -221,7 +217,6 @@ def _skeleton(model, x_example):
     seeded initialisation (:func:`hpft_jax.hp.init_heads`). Tracing only,
     no compilation."""
     import jax
-    import jax.numpy as jnp
 
     shapes = jax.eval_shape(lambda k: model.init(k, x_example, train=False), jax.random.key(0))
     return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
