@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from theory import ntk_contract, ntk_factors
-from theory.ntk_factors import Factors
+from theory.ntk_factors import Factors, chunked_map
 
 METHODS = ("auto", "structured", "vjp_jvp", "jacobian")
 _HI = jax.lax.Precision.HIGHEST
@@ -141,12 +141,9 @@ def _ntk_vjp_jvp(f, params, x1, x2, *, trace, chunk_size, out_chunk_size):
 
     def column(xj):                                      # -> (h_d, n1, h_c)
         _, vjp = jax.vjp(lambda p: _single(f)(p, xj), params)
-        one = lambda e: jvp1(vjp(e)[0])                  # noqa: E731
-        if out_chunk_size is None or out_chunk_size >= h:
-            return jax.vmap(one)(basis)
-        return jax.lax.map(one, basis, batch_size=out_chunk_size)
+        return chunked_map(lambda e: jvp1(vjp(e)[0]), basis, out_chunk_size)
 
-    cols = jax.lax.map(column, x2, batch_size=chunk_size)   # (n2, d, n1, c)
+    cols = chunked_map(column, x2, chunk_size or 1)            # (n2, d, n1, c)
     if trace:
         return jnp.diagonal(cols, axis1=1, axis2=3).sum(-1).T
     return jnp.transpose(cols, (2, 0, 3, 1))
@@ -231,6 +228,7 @@ def empirical_ntk_fn(f: Callable, *, trace: bool = False, chunk_size: int | None
         return core_jit(params, x1, x2)
 
     ntk.method = method
+    ntk.lower = lambda params, x1, x2=None: core_jit.lower(params, x1, x2)  # AOT / cost
     return ntk
 
 

@@ -115,6 +115,22 @@ class Factors(NamedTuple):
         return (self.J if self.J is not None else self.G[0]).dtype
 
 
+def chunked_map(fn: Callable, xs, chunk: int | None):
+    """``vmap(fn)(xs)`` over axis 0, ``chunk`` rows at a time (all if None).
+
+    Unlike ``lax.map(batch_size=...)``, a ragged last chunk is padded with
+    copies of the last row (and the extra results dropped), so ``fn`` is
+    traced and compiled once, not twice.
+    """
+    n = xs.shape[0]
+    if chunk is None or chunk >= n:
+        return jax.vmap(fn)(xs)
+    nb = -(-n // chunk)
+    pad = jnp.concatenate([xs, jnp.repeat(xs[-1:], nb * chunk - n, axis=0)], axis=0)
+    out = jax.lax.map(jax.vmap(fn), pad.reshape((nb, chunk) + xs.shape[1:]))
+    return jax.tree_util.tree_map(lambda a: a.reshape((nb * chunk,) + a.shape[2:])[:n], out)
+
+
 def _rule_kind(module, method_name, args):
     """'dense' / 'conv' when the call follows the exact rule, else None."""
     if method_name != "__call__" or len(args) != 1:
@@ -308,11 +324,7 @@ def sample_factors(plan: Plan, f: Callable, leaves, xi, *,
         return z[0], run.inputs
 
     z, vjp, inputs = jax.vjp(g, deltas0, fb0, has_aux=True)
-    basis = jnp.eye(plan.h, dtype=z.dtype)
-    if out_chunk_size is None or out_chunk_size >= plan.h:
-        d_delta, d_fb = jax.vmap(vjp)(basis)
-    else:
-        d_delta, d_fb = jax.lax.map(vjp, basis, batch_size=out_chunk_size)
+    d_delta, d_fb = chunked_map(vjp, jnp.eye(plan.h, dtype=z.dtype), out_chunk_size)
     h = plan.h
     A, G, J = [], [], [d.reshape(h, -1) for d in d_fb]
     for layer, a, d in zip(plan.layers, inputs, d_delta):
@@ -339,6 +351,4 @@ def batch_factors(plan: Plan, f: Callable, params, x, *, chunk_size: int | None,
     def one(xi):
         return sample_factors(plan, f, leaves, xi, out_chunk_size=out_chunk_size)
 
-    if chunk_size is None or chunk_size >= x.shape[0]:
-        return jax.vmap(one)(x)
-    return jax.lax.map(one, x, batch_size=chunk_size)
+    return chunked_map(one, x, chunk_size)
