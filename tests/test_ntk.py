@@ -155,8 +155,8 @@ def resnet(n=3):
 # Agreement with J₁J₂ᵀ
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("method, dtype", [(m, jnp.float32) for m in METHODS]
+                         + [("structured", jnp.float64)])
 def test_mlp_matches_explicit_jacobians(x64, method, dtype):
     f, params, x, f64 = mlp(dtype)
     got = empirical_ntk_fn(f, method=method)(params, x)
@@ -221,7 +221,7 @@ def test_cross_kernel_chunked_and_padded(x64, method, cs, ocs):
     assert_close(got, reference_ntk(f64, params, x1, x2), jnp.float32)
 
 
-@pytest.mark.parametrize("cs", [1, 4, 9])
+@pytest.mark.parametrize("cs", [1, 4])
 def test_symmetric_tiles(x64, cs):
     f, params, x, f64 = mlp(n=9)
     assert_close(empirical_ntk_fn(f, chunk_size=cs)(params, x),

@@ -24,7 +24,7 @@ Methods (all exact; they differ in cost):
 * ``"vjp_jvp"``: per-sample VJPs, then batched JVPs (NTK-vector products);
   little memory, any ``f``.
 * ``"jacobian"``: per-sample ``jax.jacrev`` and an explicit J₁J₂ᵀ; the
-  reference, and the slowest (n·h·P floats of Jacobian).
+  reference, and the slowest (n·h·P floats of Jacobian; no chunking).
 * ``"auto"``: ``"structured"`` when layer rules cover at least half of the
   parameters, otherwise ``"vjp_jvp"``.
 
