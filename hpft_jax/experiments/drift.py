@@ -8,8 +8,9 @@ changes slowly during finetuning. Fig. 6 checks it on 50 probe inputs
 (2,500 pairs) with k_norm_t = mean ‖κ_t‖_F and k_gap_t = mean ‖κ_{t+1} − κ_t‖_F,
 where t+1 is one SGD step after t, for these settings (one FT run each):
 
-* ``scratch`` ("Rnd backbone"): a randomly initialised backbone and the τ = 0
-  head, finetuned on the downstream data (training from scratch);
+* ``scratch`` ("Rnd backbone"): a randomly initialised backbone with the
+  sweep's τ = 0 head (:func:`scratch_init`), finetuned on the downstream
+  data (training from scratch);
 * ``hp{τ}`` ("PT backbone HPτ"): the cached pretrained backbone with the
   head after τ epochs of HP, exactly as :mod:`hpft_jax.sweep` builds them
   (:func:`~hpft_jax.sweep.pretrained_for`, :func:`~hpft_jax.sweep.run_hp`,
@@ -51,7 +52,6 @@ from hpft_jax import config as config_lib
 Tree = Any
 DEFAULT_TAUS = (0, 16, 1024)
 TARGET_PROBES = 20  # probe points per setting when ``every`` is not given (cost: see docs)
-SCRATCH_INIT = 3  # hp.seed_key tag of the scratch backbone (hp uses 0, 1, 2)
 PROBE_SEED = 0  # the probe samples are the same for every setting and seed
 
 
@@ -156,30 +156,31 @@ class _AOT:
 class Programs(NamedTuple):
     """The compiled pieces of one experiment (shared by all its settings).
 
-    * ``step(state, x, y, order, key, s) -> (state, metrics)``: FT step s,
-      batch ``order[s]``; state donated.
-    * ``run(state, x, y, order, key, start, stop) -> state``: steps
-      [start, stop) in a ``fori_loop``; state donated.
+    * ``run(state, x, y, order, key, start, stop) -> (state, metrics)``: FT
+      steps [start, stop) in a ``fori_loop`` (step s trains on batch
+      ``order[s]``), and the last step's minibatch ``loss``/``acc``/...;
+      state donated. One program serves stretches and single probe steps.
     * ``order(key) -> (total_steps, B)``: every step's batch indices, epoch by
       epoch as :func:`hpft_jax.steps.make_epoch` draws them.
     * ``factors(bb_params, bb_stats)``: the backbone's eNTK factors on the
       probe samples, eval mode; ``from_factors(F_t, F_next) -> {k_norm,
       k_norm_next, k_gap}`` (:class:`theory.ntk.NTKDrift`).
-    * ``evaluate(params, stats, x, y) -> {acc, loss, aie}``: eval mode.
+    * ``evaluate(params, stats, data) -> {train_acc, train_loss, aie,
+      val_acc, test_acc}``: eval mode, unaugmented (NaN for an empty split).
     """
 
-    step: _AOT
     run: _AOT
     order: Callable
     factors: _AOT
     from_factors: _AOT
-    evaluate: Callable
+    evaluate: _AOT
     tx: Any
     num_batches: int
     total_steps: int
 
     def compile_s(self) -> float:
-        return sum(p.compile_s for p in (self.step, self.run, self.factors, self.from_factors))
+        return sum(p.compile_s for p in (self.run, self.factors, self.from_factors,
+                                         self.evaluate))
 
 
 def backbone_of(params: Tree, batch_stats: Tree) -> tuple[Tree, Tree]:
@@ -219,8 +220,10 @@ def make_programs(model, ft_cfg, *, num_classes: int, num_train: int, x_probe, m
         return train_step(state, x[ix], y[ix], k)
 
     def run(state, x, y, order, key, start, stop):
-        return jax.lax.fori_loop(start, stop,
-                                 lambda s, st: step_at(st, x, y, order, key, s)[0], state)
+        m0 = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
+            step_at, state, x, y, order, key, start)[1])
+        return jax.lax.fori_loop(start, stop, lambda s, c: step_at(c[0], x, y, order, key, s),
+                                 (state, m0))
 
     @jax.jit
     def order(key):
@@ -239,16 +242,21 @@ def make_programs(model, ft_cfg, *, num_classes: int, num_train: int, x_probe, m
     factors = jax.jit(lambda p, s, xp: make_drift_fn(backbone_fn(s), xp).factors(p))
     from_factors = make_drift_fn(backbone_fn({}), x_probe).from_factors
 
-    @jax.jit
-    def evaluate(params, stats, x, y):
-        logits, _ = steps.predict(model, steps.variables(params, stats), x)
-        return {"acc": accuracy(logits, y),
-                "loss": cross_entropy(logits, jax.nn.one_hot(y, num_classes)),
-                "aie": energy.aie(logits, y)}
+    def evaluate(params, stats, data):
+        v = steps.variables(params, stats)
+        logits, _ = steps.predict(model, v, data["train_x"])
+        y = data["train_y"]
+        out = {"train_acc": accuracy(logits, y),
+               "train_loss": cross_entropy(logits, jax.nn.one_hot(y, num_classes)),
+               "aie": energy.aie(logits, y)}
+        for split in ("val", "test"):
+            xs = data[f"{split}_x"]
+            out[f"{split}_acc"] = (accuracy(steps.predict(model, v, xs)[0], data[f"{split}_y"])
+                                   if xs.shape[0] else jnp.float32(jnp.nan))
+        return out
 
-    return Programs(_AOT(jax.jit(step_at, donate_argnums=0)),
-                    _AOT(jax.jit(run, donate_argnums=0)), order, _AOT(factors, x_probe),
-                    _AOT(from_factors), evaluate, tx, nb, total)
+    return Programs(_AOT(jax.jit(run, donate_argnums=0)), order, _AOT(factors, x_probe),
+                    _AOT(from_factors), _AOT(jax.jit(evaluate)), tx, nb, total)
 
 
 # --------------------------------------------------------------------------
@@ -262,13 +270,19 @@ def drift_run(progs: Programs, params: Tree, batch_stats: Tree, data: dict, key,
 
     ``data``: on-device ``train_x, train_y, val_x, val_y, test_x, test_y``;
     ``key``: the FT data-order key (``hp.seed_key(seed, hp.FT_DATA)``).
-    At t = 0, every, 2·every, ...: eval-mode metrics on the training set at
-    θ_t, then one FT step, then the drift between θ_t and θ_{t+1}.
-    ``on_probe(t, state_t, state_next)`` (host copies) is for tests.
+    At t = 0, every, 2·every, ...: eval-mode metrics at θ_t, then FT step t,
+    then the drift between θ_t and θ_{t+1}. ``on_probe(t, state_t,
+    state_next)`` (host copies) is for tests.
 
-    Returns lists over probe points (``steps``, ``k_norm``, ``k_norm_next``,
-    ``k_gap``, ``rel_gap``, ``train_acc``, ``train_loss``, ``aie``,
-    ``step_loss``, ``step_acc``), ``final`` accuracies and ``timing``.
+    Returns lists over probe points: ``steps``, ``k_norm``, ``k_norm_next``,
+    ``k_gap``, ``rel_gap``; eval-mode ``train_acc``, ``train_loss``, ``aie``
+    (training set), ``val_acc``, ``test_acc``; ``step_loss``, ``step_acc``
+    (step t's minibatch, train mode). Also ``final`` (the same eval metrics
+    after the last step), ``final_state`` and ``timing`` (seconds, net of
+    compilation: ``train_s``, ``factors_s``, ``contract_s``, ``probe_s`` =
+    their sum, ``eval_s``, ``compile_s``, ``wall_s``; ``step_s`` per FT step,
+    ``probe_over_step`` = one probe in FT steps, ``probe_frac`` = probing's
+    share of ``wall_s``).
     """
     import jax
     import jax.numpy as jnp
@@ -287,7 +301,7 @@ def drift_run(progs: Programs, params: Tree, batch_stats: Tree, data: dict, key,
     i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
 
     out = {k: [] for k in ("steps", "k_norm", "k_norm_next", "k_gap", "rel_gap", "train_acc",
-                           "train_loss", "aie", "step_loss", "step_acc")}
+                           "train_loss", "aie", "val_acc", "test_acc", "step_loss", "step_acc")}
     secs = {"train": 0.0, "factors": 0.0, "contract": 0.0, "eval": 0.0}
 
     def clock(kind, thunk):
@@ -302,18 +316,18 @@ def drift_run(progs: Programs, params: Tree, batch_stats: Tree, data: dict, key,
     pb = bar(total, desc, enabled=progress, unit="step")
     for t in at:
         if t > cur:
-            state = clock("train", lambda: progs.run(state, x, y, order, key, i32(cur), i32(t)))
+            state, _ = clock("train", lambda: progs.run(state, x, y, order, key, i32(cur), i32(t)))
             pb.update(t - cur)
             cur = t
         ev = jax.device_get(clock("eval", lambda: progs.evaluate(state.params, state.batch_stats,
-                                                                 x, y)))
-        if not np.isfinite(ev["loss"]):
+                                                                 data)))
+        if not np.isfinite(ev["train_loss"]):
             raise errors.NonFiniteLossError(
                 f"{desc}: the training loss is not finite at FT step {t}; lower the FT lr")
         before = jax.device_get(state) if on_probe is not None else None
         f_t = cached[1] if cached is not None and cached[0] == t else clock(
             "factors", lambda: progs.factors(*backbone_of(state.params, state.batch_stats)))
-        state, m = clock("train", lambda: progs.step(state, x, y, order, key, i32(t)))
+        state, m = clock("train", lambda: progs.run(state, x, y, order, key, i32(t), i32(t + 1)))
         m = jax.device_get(m)
         cur = t + 1
         pb.update(1)
@@ -327,22 +341,19 @@ def drift_run(progs: Programs, params: Tree, batch_stats: Tree, data: dict, key,
         kn, kg = float(d["k_norm"]), float(d["k_gap"])
         for name, v in (("steps", t), ("k_norm", kn), ("k_norm_next", float(d["k_norm_next"])),
                         ("k_gap", kg), ("rel_gap", kg / kn if kn > 0 else math.nan),
-                        ("train_acc", float(ev["acc"])), ("train_loss", float(ev["loss"])),
-                        ("aie", float(ev["aie"])), ("step_loss", float(m["loss"])),
-                        ("step_acc", float(m["acc"]))):
+                        ("step_loss", float(m["loss"])), ("step_acc", float(m["acc"]))) + tuple(
+                            (k, float(ev[k])) for k in ("train_acc", "train_loss", "aie",
+                                                        "val_acc", "test_acc")):
             out[name].append(v)
-        pb.set_postfix(k_gap=f"{kg:.3g}", acc=f"{float(ev['acc']):.3f}")
+        pb.set_postfix(k_gap=f"{kg:.3g}", acc=f"{float(ev['train_acc']):.3f}")
     if cur < total:
-        state = clock("train", lambda: progs.run(state, x, y, order, key, i32(cur), i32(total)))
+        state, _ = clock("train", lambda: progs.run(state, x, y, order, key, i32(cur),
+                                                    i32(total)))
         pb.update(total - cur)
     pb.close()
 
-    final = {}
-    for split in ("train", "val", "test"):
-        xs = data[f"{split}_x"]
-        final[f"{split}_acc"] = (float(progs.evaluate(state.params, state.batch_stats, xs,
-                                                      data[f"{split}_y"])["acc"])
-                                 if xs.shape[0] else math.nan)
+    ev = jax.device_get(progs.evaluate(state.params, state.batch_stats, data))
+    final = {k: float(ev[k]) for k in ("train_acc", "train_loss", "aie", "val_acc", "test_acc")}
     wall = time.perf_counter() - t_start
     step_s, probe_s, n = secs["train"] / total, secs["factors"] + secs["contract"], len(at)
     out["final"] = final
@@ -361,18 +372,17 @@ def drift_run(progs: Programs, params: Tree, batch_stats: Tree, data: dict, key,
 # The experiment
 
 
-def _scratch_init(model, x2, seed: int, reinit_blocks: int):
-    """A random backbone (its own seed tag) with the sweep's τ = 0 head."""
+def scratch_init(model, x_example, seed: int) -> tuple[Tree, Tree]:
+    """(params, batch_stats) of the scratch setting: the whole model that
+    :func:`hpft_jax.hp.init_heads` draws ``seed``'s τ = 0 head from, so the
+    head is the sweep's τ = 0 head and the backbone is random."""
     import jax
 
     from hpft_jax import hp
-    from hpft_jax.params import merge
 
-    fresh = jax.jit(lambda k: model.init(k, x2, train=False))(hp.seed_key(seed, SCRATCH_INIT))
-    _, _, fparams, fstats, _ = hp.split_head(model, fresh, reinit_blocks)
-    heads, head_stats = hp.init_heads(model, x2, [seed], reinit_blocks)
-    take = lambda t: jax.tree_util.tree_map(lambda a: a[0], t)  # noqa: E731
-    return merge(fparams, take(heads)), merge(fstats, take(head_stats))
+    fresh = jax.jit(lambda k: model.init(k, x_example, train=False))(
+        hp.seed_key(seed, hp.HEAD_INIT))
+    return fresh["params"], fresh.get("batch_stats", {}) or {}
 
 
 def run_drift(cfg: DriftConfig, *, progress: bool = True, on_probe: Callable | None = None):
@@ -389,17 +399,17 @@ def run_drift(cfg: DriftConfig, *, progress: bool = True, on_probe: Callable | N
     from hpft_jax.sweep import RunKey, base_variables, ft_inits, pretrained_for, run_hp, split_arrays
 
     sw = cfg.sweep
-    todo_settings = settings(cfg)
+    run = RunDir(os.path.join(sw.runs_dir, sw.name))
+    done = {(r["setting"], r["seed"]) for r in run.records("drift")}
+    todo = [(s, seed) for s in settings(cfg) for seed in sw.seeds if (s.name, seed) not in done]
+    if not todo and os.path.exists(run.config_file):
+        run.write_config(cfg)  # raises if the logged run had another config
+        return run
     ds = data_lib.load_downstream(sw.data)
     n = ds.train.x.shape[0]
     data_lib.check_batch_size(n, sw.ft.batch_size, what="the downstream training set (FT)")
     idx = probe_indices(n, cfg.probes)
-    run = RunDir(os.path.join(sw.runs_dir, sw.name))
     run.write_config(cfg)
-    done = {(r["setting"], r["seed"]) for r in run.records("drift")}
-    todo = [(s, seed) for s in todo_settings for seed in sw.seeds if (s.name, seed) not in done]
-    if not todo:
-        return run
     mesh = parallel.data_mesh()
     parallel.check_divisible(sw.ft.batch_size, mesh, what="FT")
     k = ds.num_classes
@@ -419,7 +429,7 @@ def run_drift(cfg: DriftConfig, *, progress: bool = True, on_probe: Callable | N
                                   mesh)
     for s, seed in todo:
         if s.tau is None:
-            params, stats = _scratch_init(model, x2, seed, sw.model.reinit_blocks)
+            params, stats = scratch_init(model, x2, seed)
         else:
             ((params, stats),) = ft_inits(probe, [RunKey("hp", seed, s.tau)], seeds)
         hook = None if on_probe is None else (
