@@ -64,7 +64,7 @@ def _default_sweep() -> config_lib.SweepConfig:
 class DriftConfig:
     """The experiment; ``sweep`` supplies data, model, pretraining, HP, FT, seeds.
 
-    ``sweep.hp.taus``: the HPτ settings (may be empty when ``scratch``);
+    ``sweep.hp.taus``: the HPτ settings (at least one);
     ``scratch``: also finetune a random backbone; ``probes``: probe samples
     (N, so N² pairs) drawn once from the downstream training set; ``every``:
     probe every this many FT steps (None: about :data:`TARGET_PROBES` probe
