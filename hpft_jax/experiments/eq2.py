@@ -178,22 +178,31 @@ def mean_ce(logits, targets):
 
 
 class Checker:
-    """Compiled pieces of the one-step check for one model (and dtype).
+    """The one-step check for one model (and dtype), compiled once.
 
-    ``terms(params, stats, x_probe, x_batch, targets)`` -> κ-free terms and
-    the Eq. 2 drift (P, h); ``real(params, stats, x_probe, x_batch, targets,
-    gammas)`` -> real Δz (G, P, h) after one plain SGD step per γ.
-    ``params``/``stats`` are the classifier's full variables.
+    ``checker(params, stats, x_probe, x_batch, targets, gammas, x_train,
+    t_train)`` -> dict of device arrays: ``drift`` (P, h), the Eq. 2
+    prediction per unit γ from κ = :func:`theory.ntk.empirical_ntk_fn` of the
+    backbone's params (eval mode, BatchNorm statistics fixed); ``real``
+    (G, P, h), Δz after one plain SGD step of each γ on the batch, every
+    parameter updated; ``flips`` (G, P), the ReLU inputs of each probe whose
+    sign the step changed (MLP backbones; zeros otherwise); the terms
+    ``energy``, ``direction``, ``kernel``; and energy, loss and accuracy on
+    (x_train, t_train). ``params``/``stats`` are the classifier's variables.
     """
 
     def __init__(self, model, *, ntk_method: str = "auto"):
+        import flax.linen as nn
         import jax
         import jax.numpy as jnp
 
         from hpft_jax import steps
+        from hpft_jax.models import MLPBackbone
+        from theory.ntk import empirical_ntk_fn
 
         self.model = model
         bb, hd = model.backbone, model.head
+        self.counts_kinks = isinstance(bb, MLPBackbone)
 
         def feats(pb, sb, x):
             return bb.apply(steps.variables(pb, sb), x, train=False)
@@ -201,42 +210,25 @@ class Checker:
         def head_apply(ph, z):
             return hd.apply({"params": ph}, z, train=False)
 
-        from hpft_jax.models import MLPBackbone
-
-        self.counts_kinks = isinstance(bb, MLPBackbone)
-
         def preacts(pb, sb, x):
             """The MLP's ReLU inputs (every Dense output), [(N, width)]; [] otherwise."""
             if not self.counts_kinks:
                 return []
-            import flax.linen as nn
-
             _, st = bb.apply(steps.variables(pb, sb), x, train=False, mutable=["intermediates"],
                              capture_intermediates=lambda m, name: isinstance(m, nn.Dense))
             inter = st["intermediates"]
             return [inter[bb.block_name(i)]["__call__"][0] for i in range(bb.num_blocks)]
 
         self.feats, self.head_apply, self.preacts = feats, head_apply, preacts
-        self._ntk = {}
-        self._method = ntk_method
 
-        def terms(params, stats, x_probe, x_batch, targets, kappa):
+        def check(params, stats, x_probe, x_batch, targets, gammas, x_train, t_train):
             sb = stats.get("backbone", {}) if stats else {}
+            ntk = empirical_ntk_fn(lambda p, x: feats(p, sb, x), method=ntk_method)
+            kappa = ntk(params["backbone"], x_probe, x_batch)  # (P, N, h, h)
             zb = feats(params["backbone"], sb, x_batch)
             q = head_apply(params["head"], zb)
             resid = targets - jax.nn.softmax(q, axis=-1)
             jac = direction(head_apply, params["head"], zb)
-            return {
-                "drift": drift(kappa, jac, resid),
-                "energy": jnp.linalg.norm(resid, axis=-1).mean(),
-                "direction": jnp.sqrt(jnp.sum(jac**2, axis=(1, 2))).mean(),
-                "kernel": jnp.sqrt(jnp.sum(kappa**2, axis=(2, 3))).mean(),
-                "batch_loss": mean_ce(q, targets),
-                "z_norm": jnp.linalg.norm(feats(params["backbone"], sb, x_probe), axis=-1).mean(),
-            }
-
-        def real(params, stats, x_probe, x_batch, targets, gammas):
-            sb = stats.get("backbone", {}) if stats else {}
 
             def loss(p):
                 logits, _ = model.apply(steps.variables(p, stats), x_batch, train=False)
@@ -250,32 +242,28 @@ class Checker:
                 new = jax.tree_util.tree_map(lambda a, d: a - gamma * d, params, g)
                 a1 = preacts(new["backbone"], sb, x_probe)
                 flips = sum(jnp.sum((u > 0) != (v > 0), axis=-1) for u, v in zip(a0, a1))
-                return feats(new["backbone"], sb, x_probe) - z0, flips + jnp.zeros(
-                    x_probe.shape[0], jnp.int32)
+                return (feats(new["backbone"], sb, x_probe) - z0,
+                        flips + jnp.zeros(x_probe.shape[0], jnp.int32))
 
-            return jax.lax.map(after, gammas)
+            real, flips = jax.lax.map(after, gammas)
+            logits, _ = model.apply(steps.variables(params, stats), x_train, train=False)
+            return {
+                "drift": drift(kappa, jac, resid), "real": real, "flips": flips,
+                "energy": jnp.linalg.norm(resid, axis=-1).mean(),
+                "direction": jnp.sqrt(jnp.sum(jac**2, axis=(1, 2))).mean(),
+                "kernel": jnp.sqrt(jnp.sum(kappa**2, axis=(2, 3))).mean(),
+                "batch_loss": mean_ce(q, targets),
+                "z_norm": jnp.linalg.norm(z0, axis=-1).mean(),
+                "energy_train": jnp.linalg.norm(t_train - jax.nn.softmax(logits, -1),
+                                                axis=-1).mean(),
+                "loss_train": mean_ce(logits, t_train),
+                "acc_train": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(t_train, -1)),
+            }
 
-        def full_energy(params, stats, x, targets):
-            logits, _ = model.apply(steps.variables(params, stats), x, train=False)
-            return {"energy_train": jnp.linalg.norm(targets - jax.nn.softmax(logits, -1),
-                                                    axis=-1).mean(),
-                    "loss_train": mean_ce(logits, targets),
-                    "acc_train": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))}
+        self._check = jax.jit(check)
 
-        self.terms = jax.jit(terms)
-        self.real = jax.jit(real)
-        self.full_energy = jax.jit(full_energy)
-
-    def ntk(self, params, stats, x_probe, x_batch):
-        """κ (P, N, h, h) of the backbone's params (eval mode, stats fixed)."""
-        from theory.ntk import empirical_ntk_fn
-
-        sb = stats.get("backbone", {}) if stats else {}
-        key = None if not sb else id(sb)  # one compiled kernel when there is no BatchNorm
-        if key not in self._ntk:
-            self._ntk = {key: empirical_ntk_fn(lambda p, x: self.feats(p, sb, x),
-                                               method=self._method)}
-        return self._ntk[key](params["backbone"], x_probe, x_batch)
+    def __call__(self, params, stats, x_probe, x_batch, targets, gammas, x_train, t_train):
+        return self._check(params, stats, x_probe, x_batch, targets, gammas, x_train, t_train)
 
 
 def relative_errors(pred, real):
@@ -385,11 +373,14 @@ def _cast(tree, dtype):
 
 
 def check_state(checker: Checker, params, stats, x_probe, x_batch, y_batch, gammas, *,
-                num_classes: int, eta: float, dtype: str, train_x=None, train_y=None) -> dict:
-    """The whole check at one FT state; host-side summary dict.
+                num_classes: int, eta: float, dtype: str, train_x=None, train_y=None,
+                arrays: bool = False) -> dict:
+    """The whole check at one FT state; a host-side summary dict (JSON-able).
 
     ``params``/``stats``: the classifier's variables (any float dtype; cast
     to ``dtype``); call under ``jax.enable_x64(True)`` for float64.
+    ``train_x/train_y``: where to measure energy, loss and accuracy (default:
+    the batch). ``arrays=True`` adds ``pred`` (G, P, h) and ``real``.
     """
     import jax.numpy as jnp
 
@@ -397,12 +388,15 @@ def check_state(checker: Checker, params, stats, x_probe, x_batch, y_batch, gamm
     params, stats = _cast(params, dt), _cast(stats, dt)
     xp, xb = jnp.asarray(x_probe, dt), jnp.asarray(x_batch, dt)
     tgt = soft_targets(jnp.asarray(y_batch), num_classes, eta, dt)
-    kappa = checker.ntk(params, stats, xp, xb)
-    t = checker.terms(params, stats, xp, xb, tgt, kappa)
+    if train_x is None:
+        xt, tt = xb, tgt
+    else:
+        xt = jnp.asarray(train_x, dt)
+        tt = soft_targets(jnp.asarray(train_y), num_classes, eta, dt)
     g = np.asarray(gammas, np.float64)
+    t = checker(params, stats, xp, xb, tgt, jnp.asarray(g, dt), xt, tt)
     d = np.asarray(t["drift"], np.float64)
-    real, flips = checker.real(params, stats, xp, xb, tgt, jnp.asarray(g, dt))
-    real, flips = np.asarray(real, np.float64), np.asarray(flips)
+    real, flips = np.asarray(t["real"], np.float64), np.asarray(t["flips"])
     pred = g[:, None, None] * d[None]
     agg, mean, cos = relative_errors(pred, real)
     per = np.linalg.norm(pred - real, axis=2) / np.linalg.norm(real, axis=2)  # (G, P)
@@ -412,7 +406,6 @@ def check_state(checker: Checker, params, stats, x_probe, x_batch, y_batch, gamm
         "gammas": g.tolist(), "rel_err": agg.tolist(), "rel_err_mean": mean.tolist(),
         "rel_err_median": np.median(per, axis=1).tolist(), "rel_err_probe": per.tolist(),
         "cos": cos.tolist(), "slope": slope, "intercept": icpt,
-        "slope_median": fit_slope(g, np.median(per, axis=1))[0],
         "kink_flips": flips.tolist() if checker.counts_kinks else None,
         "kink_probes": (flips > 0).sum(axis=1).tolist() if checker.counts_kinks else None,
         "rel_err_smooth": None if smooth is None else [None if np.isnan(v) else v
@@ -421,14 +414,11 @@ def check_state(checker: Checker, params, stats, x_probe, x_batch, y_batch, gamm
         "pred_norm": (g * np.linalg.norm(d, axis=1).mean()).tolist(),
         "real_norm": np.linalg.norm(real, axis=2).mean(axis=1).tolist(),
         "drift_norm": float(np.linalg.norm(d, axis=1).mean()),
-        "energy": float(t["energy"]), "direction": float(t["direction"]),
-        "kernel": float(t["kernel"]), "batch_loss": float(t["batch_loss"]),
-        "z_norm": float(t["z_norm"]),
     }
-    if train_x is not None:
-        tt = soft_targets(jnp.asarray(train_y), num_classes, eta, dt)
-        out.update({k: float(v) for k, v in checker.full_energy(
-            params, stats, jnp.asarray(train_x, dt), tt).items()})
+    out.update({k: float(t[k]) for k in ("energy", "direction", "kernel", "batch_loss", "z_norm",
+                                         "energy_train", "loss_train", "acc_train")})
+    if arrays:
+        out.update(pred=pred, real=real)
     return out
 
 
@@ -607,13 +597,17 @@ def figure(run, recs: list[dict]) -> str:
     """Rel. error vs γ (log-log; all probes, and probes whose ReLU pattern is
     unchanged) per τ/step with a slope-1 guide; the three terms and ‖Δz‖/γ
     against the FT step, per τ."""
+    from matplotlib import ticker
     from matplotlib.gridspec import GridSpec
 
     from hpft_jax.report import _plt
 
     plt = _plt()
     fig = plt.figure(figsize=(17, 5.6))
-    gs = GridSpec(2, 6, figure=fig)
+    # fixed margins: tight_layout (and mathtext tick labels) cost seconds here
+    gs = GridSpec(2, 6, figure=fig, left=0.05, right=0.99, bottom=0.09, top=0.93,
+                  wspace=0.45, hspace=0.45)
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
     taus = sorted({r["tau"] for r in recs})
     stps = sorted({r["step"] for r in recs})
     colors = {t: plt.cm.viridis(0.9 * i / max(len(taus) - 1, 1)) for i, t in enumerate(taus)}
@@ -641,13 +635,17 @@ def figure(run, recs: list[dict]) -> str:
         ax.set_xlabel("γ (one plain SGD step)")
         ax.set_ylabel("‖Δz_pred − Δz_real‖_F / ‖Δz_real‖_F")
         ax.set_title(f"Eq. 2 error: {title}", fontsize=10)
-        ax.grid(alpha=0.3, which="both")
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(plain)
         if col == 0:
             ax.legend(fontsize=6, ncol=2)
-    panels = (("energy", "energy E‖e_y − p‖"), ("direction", "direction E‖∇_z q‖_F"),
-              ("kernel", "kernel E‖κ‖_F"), ("drift_norm", "E‖Δz‖/γ (pred x, real o)"))
-    main = [r for r in recs if r["dtype"] == recs[0]["dtype"] and r["seed"] == recs[0]["seed"]]
-    for k, (key, title) in enumerate(panels):
+    panels = (("energy", "energy E‖e_y − p‖", "log"), ("direction", "direction E‖∇_z q‖_F", "linear"),
+              ("kernel", "kernel E‖κ‖_F", "linear"),
+              ("drift_norm", "E‖Δz‖/γ (pred x, real o)", "log"))
+    dt = "float64" if any(r["dtype"] == "float64" for r in recs) else recs[0]["dtype"]
+    main = [r for r in recs if r["dtype"] == dt and r["seed"] == recs[0]["seed"]]
+    for k, (key, title, scale) in enumerate(panels):
         a = fig.add_subplot(gs[k // 2, 4 + k % 2])
         for t in taus:
             rs = sorted((r for r in main if r["tau"] == t), key=lambda r: r["step"])
@@ -660,12 +658,15 @@ def figure(run, recs: list[dict]) -> str:
                        mfc="none", color=colors[t], ms=7)
         a.set_title(title, fontsize=9)
         a.set_xticks(stps)
-        a.set_yscale("log")
+        a.set_yscale(scale)
         a.set_xlabel("FT step t", fontsize=8)
-        a.grid(alpha=0.3, which="both")
+        a.grid(alpha=0.3)
+        if scale == "log":
+            a.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            a.yaxis.set_major_formatter(plain)
+            a.yaxis.set_minor_formatter(ticker.NullFormatter())
         if k == 0:
             a.legend(fontsize=7)
-    fig.tight_layout()
     path = run.figures("eq2.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
