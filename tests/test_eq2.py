@@ -38,7 +38,8 @@ def _model(head="linear", dtype="float64"):
 def _host_setup(head, seed=0):
     model = _model(head)
     x, y = blobs(16, k=K, shape=(2, 2, 1), seed=seed)
-    shapes = jax.eval_shape(lambda k: model.init(k, jnp.asarray(x[:2])), jax.random.key(0))
+    with jax.enable_x64(True):  # the float64 model, traced only
+        shapes = jax.eval_shape(lambda k: model.init(k, jnp.asarray(x[:2])), jax.random.key(0))
     rng = np.random.default_rng(seed)  # N(0, 1/fan_in) weights, small biases; no compile
     params = jax.tree_util.tree_map(
         lambda s: rng.normal(size=s.shape) / np.sqrt(s.shape[0]) if len(s.shape) == 2
@@ -87,6 +88,35 @@ def test_prediction_equals_jvp_along_the_real_update(x64, checkers, head, eta):
     assert out["pred_norm"][0] == pytest.approx(np.linalg.norm(want, axis=1).mean(), rel=1e-10)
     # and the real step is close to it at this γ (a loose sanity bound)
     assert out["rel_err"][0] < 0.2
+
+
+def test_logged_terms_match_explicit_jacobians(x64, checkers):
+    """energy, direction, kernel and the Cauchy-Schwarz bound from J₁J₂ᵀ by hand."""
+    from jax.flatten_util import ravel_pytree
+
+    model, params, xp, xb, yb = _setup("linear")
+    out = eq2.check_state(checkers["linear"], params, {}, xp, xb, yb, (0.037, 0.1),
+                          num_classes=K, eta=1.0, dtype="float64", arrays=True)
+    flat, unravel = ravel_pytree(params["backbone"])
+    jac = jax.jit(jax.jacrev(lambda th, x: model.backbone.apply({"params": unravel(th)}, x)))
+    j1, j2 = np.asarray(jac(flat, xp)), np.asarray(jac(flat, xb))  # (n, h, P)
+    kappa = np.einsum("icp,jdp->ijcd", j1, j2)
+    w = np.asarray(params["head"]["out"]["kernel"])
+    z = np.asarray(model.backbone.apply({"params": params["backbone"]}, xb))
+    q = z @ w + np.asarray(params["head"]["out"]["bias"])
+    p = np.exp(q - q.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    r = np.eye(K)[yb] - p
+    kn = np.sqrt((kappa**2).sum(axis=(2, 3)))  # (P, N)
+    assert out["energy"] == pytest.approx(np.linalg.norm(r, axis=1).mean(), rel=1e-12)
+    assert out["direction"] == pytest.approx(np.linalg.norm(w), rel=1e-12)
+    assert out["kernel"] == pytest.approx(kn.mean(), rel=1e-10)
+    bound = (kn @ (np.linalg.norm(w) * np.linalg.norm(r, axis=1))).mean() / len(yb)
+    assert out["cs_bound"] == pytest.approx(bound, rel=1e-10)
+    # Eq. 2 with this κ, written out; and the bound holds
+    pred = 0.037 * np.einsum("jncd,dk,nk->jc", kappa, w, r) / len(yb)
+    np.testing.assert_allclose(out["pred"][0], pred, atol=1e-10 * np.abs(pred).max())
+    assert out["drift_norm"] <= out["cs_bound"]
 
 
 def test_error_drops_tenfold_when_gamma_drops_tenfold(x64, checkers):
@@ -173,8 +203,6 @@ def test_ft_advance_matches_the_sweeps_epochs():
     got = advance(advance(s0, xs, ys, key, 0, 3), xs, ys, key, 3, 4)  # 2 batches/epoch
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                            got.params, want.params)
-    np.testing.assert_array_equal(advance.batch(key, 3),
-                                  steps.epoch_indices(key, 1, 40, 16)[1])
 
 
 def test_relative_errors_and_slope():
@@ -244,6 +272,14 @@ def test_end_to_end_writes_records_and_figure_and_resumes(tmp_path_factory):
         assert len(r["rel_err"]) == 3 and all(0 < e < 1 for e in r["rel_err"])
         assert r["rel_err_smooth"][-1] < 1e-2  # γ = 1e-4: first order
         assert r["energy"] > 0 and r["direction"] > 0 and r["kernel"] > 0
+    # the check's batch is FT step t's batch (the run's FT data key, 3 batches/epoch)
+    from hpft_jax import hp
+
+    key = hp.seed_key(0, hp.FT_DATA)
+    for r in recs:
+        e, i = divmod(r["step"], r["n_batches_per_epoch"])
+        want = np.asarray(steps.epoch_indices(key, e, r["n_train"], 64))[i]
+        np.testing.assert_array_equal(r["batch_indices"], want)
     s0 = {r["tau"]: r for r in recs if r["step"] == 0}
     assert s0[0]["kernel"] == pytest.approx(s0[2]["kernel"])  # same backbone before FT
     assert s0[0]["energy"] != pytest.approx(s0[2]["energy"])  # different heads

@@ -187,7 +187,8 @@ class Checker:
     (G, P, h), Δz after one plain SGD step of each γ on the batch, every
     parameter updated; ``flips`` (G, P), the ReLU inputs of each probe whose
     sign the step changed (MLP backbones; zeros otherwise); the terms
-    ``energy``, ``direction``, ``kernel``; and energy, loss and accuracy on
+    ``energy``, ``direction``, ``kernel``, ``cs_bound`` (Prop. 1's
+    Cauchy-Schwarz bound on ‖Δz‖/γ for one step); and energy, loss and accuracy on
     (x_train, t_train). ``params``/``stats`` are the classifier's variables.
     """
 
@@ -252,6 +253,11 @@ class Checker:
                 "energy": jnp.linalg.norm(resid, axis=-1).mean(),
                 "direction": jnp.sqrt(jnp.sum(jac**2, axis=(1, 2))).mean(),
                 "kernel": jnp.sqrt(jnp.sum(kappa**2, axis=(2, 3))).mean(),
+                # the Cauchy-Schwarz chain of Prop. 1's proof (Eqs. 16-20), one step:
+                # (1/N) Σ_n ‖κ_jn‖_F ‖∇_z q_n‖_F ‖r_n‖, mean over probes
+                "cs_bound": jnp.mean(jnp.sqrt(jnp.sum(kappa**2, axis=(2, 3)))
+                                     @ (jnp.sqrt(jnp.sum(jac**2, axis=(1, 2)))
+                                        * jnp.linalg.norm(resid, axis=-1))) / x_batch.shape[0],
                 "batch_loss": mean_ce(q, targets),
                 "z_norm": jnp.linalg.norm(z0, axis=-1).mean(),
                 "energy_train": jnp.linalg.norm(t_train - jax.nn.softmax(logits, -1),
@@ -415,8 +421,8 @@ def check_state(checker: Checker, params, stats, x_probe, x_batch, y_batch, gamm
         "real_norm": np.linalg.norm(real, axis=2).mean(axis=1).tolist(),
         "drift_norm": float(np.linalg.norm(d, axis=1).mean()),
     }
-    out.update({k: float(t[k]) for k in ("energy", "direction", "kernel", "batch_loss", "z_norm",
-                                         "energy_train", "loss_train", "acc_train")})
+    out.update({k: float(t[k]) for k in ("energy", "direction", "kernel", "cs_bound", "batch_loss",
+                                         "z_norm", "energy_train", "loss_train", "acc_train")})
     if arrays:
         out.update(pred=pred, real=real)
     return out
@@ -505,7 +511,10 @@ def run_eq2(cfg, e2: Eq2Config, *, progress: bool = True):
             run.log("eq2", tau=int(tau), seed=int(seed), step=int(st), dtype=e2.dtype,
                     n_probe=int(e2.n_probe), n_batch=int(n_batch), probe_split=e2.probe_split,
                     eta_ft=float(cfg.ft.eta), head=cfg.model.head,
-                    hp_train_acc=h.get("hp_train_acc"), wall_s=time.perf_counter() - t0, **out)
+                    hp_train_acc=h.get("hp_train_acc"), n_train=int(n),
+                    n_batches_per_epoch=steps.num_batches(n, cfg.ft.batch_size),
+                    probe_indices=pidx.tolist(), batch_indices=bidx.tolist(),
+                    wall_s=time.perf_counter() - t0, **out)
             pb.update()
     pb.close()
     return run
@@ -537,7 +546,7 @@ def terms_table(recs: list[dict]) -> str:
     """Markdown: the three terms of Eq. 2 and ‖Δz‖/γ, one row per setting."""
     head = ["dtype", "τ", "seed", "step", "HP-train-acc", "train acc at t",
             "energy E‖e_y−p‖", "direction E‖∇_z q‖_F", "kernel E‖κ‖_F", "E‖z‖",
-            "‖Δz‖/γ pred", "‖Δz‖/γ real (γ min)"]
+            "‖Δz‖/γ pred", "‖Δz‖/γ real (γ min)", "C-S bound /γ"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in recs:
         i = int(np.argmin(r["gammas"]))
@@ -547,7 +556,7 @@ def terms_table(recs: list[dict]) -> str:
             "n/a" if acc is None else f"{100 * acc:.1f} %", f"{100 * r['acc_train']:.1f} %",
             f"{r['energy']:.4f}", f"{r['direction']:.3f}", f"{r['kernel']:.4g}",
             f"{r['z_norm']:.3g}", f"{r['drift_norm']:.4g}",
-            f"{r['real_norm'][i] / r['gammas'][i]:.4g}"]) + " |")
+            f"{r['real_norm'][i] / r['gammas'][i]:.4g}", _f(r.get("cs_bound"), "{:.4g}")]) + " |")
     return "\n".join(lines)
 
 
@@ -695,9 +704,10 @@ def report(run, *, write_figures: bool = True, out=print) -> str:
     lines = []
     for dt in sorted({r["dtype"] for r in recs}):
         rs = [r for r in recs if r["dtype"] == dt]
-        lines.append(f"- {dt}, {len(rs)} settings: pooled slope {pooled_slope(rs):.3f} "
-                     f"(all probes), {pooled_slope(rs, 'rel_err_smooth'):.3f} "
-                     "(probes with no kink crossed)")
+        smooth = pooled_slope(rs, "rel_err_smooth")
+        lines.append(f"- {dt}, {len(rs)} settings: pooled slope {pooled_slope(rs):.3f} (all probes)"
+                     + ("" if math.isnan(smooth) else
+                        f", {smooth:.3f} (probes with no kink crossed)"))
     parts += ["## Pooled slopes", "\n".join(lines)]
     text = "\n\n".join(parts)
     if write_figures:
