@@ -166,7 +166,8 @@ def test_direction_mlp_head_is_per_sample_jacobian(x64):
     full = np.asarray(jax.jit(jax.jacrev(lambda zz: head(params["head"], zz)))(z))
     np.testing.assert_allclose(jac, np.stack([full[n, :, n, :] for n in range(5)]), atol=1e-14)
     # closed form: W2ᵀ diag(relu'(z W1 + b1)) W1ᵀ
-    w1, b1 = np.asarray(params["head"]["hidden0"]["kernel"]), np.asarray(params["head"]["hidden0"]["bias"])
+    hid = params["head"]["hidden0"]
+    w1, b1 = np.asarray(hid["kernel"]), np.asarray(hid["bias"])
     w2 = np.asarray(params["head"]["out"]["kernel"])
     act = (np.asarray(z) @ w1 + b1 > 0).astype(float)
     closed = np.einsum("hm,nm,mk->nkh", w1, act, w2)
@@ -238,7 +239,8 @@ def test_bad_config_raises(kw, match):
 
 def test_bad_sizes_raise():
     ft = C.FTConfig(epochs=2, batch_size=16)
-    with pytest.raises(ValueError, match="n_probe=50 probes requested but the train split has only 40"):
+    with pytest.raises(ValueError, match="n_probe=50 probes requested but the train split has "
+                                         "only 40"):
         eq2.check_sizes(eq2.Eq2Config(n_probe=50, steps=(0,)), ft, num_train=40,
                         num_probe_pool=40)
     with pytest.raises(ValueError, match=r"FT steps \[4\] are past the FT schedule"):

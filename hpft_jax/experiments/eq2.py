@@ -25,6 +25,11 @@ schedule, the sweep's data order) and the batch that FT step t would use
   Δz of O(γ)), and the three terms: energy E‖e_y − p‖ over the batch,
   direction E‖∇_z q‖_F, kernel E‖κ‖_F over the P×N pairs.
 
+ReLU networks are only piecewise smooth: a probe whose ReLU pattern the step
+changes (a kink crossed) has a remainder that is not O(γ²) until γ is below
+the distance to that kink. For MLP backbones every record counts the flipped
+ReLU inputs per probe and also gives the error over the kink-free probes.
+
 The check runs in float64 by default (the model computes in float64 from the
 float32 FT state), so round-off does not floor the error; ``--check-dtype float32``
 shows the floor.
@@ -649,7 +654,8 @@ def figure(run, recs: list[dict]) -> str:
         ax.yaxis.set_major_formatter(plain)
         if col == 0:
             ax.legend(fontsize=6, ncol=2)
-    panels = (("energy", "energy E‖e_y − p‖", "log"), ("direction", "direction E‖∇_z q‖_F", "linear"),
+    panels = (("energy", "energy E‖e_y − p‖", "log"),
+              ("direction", "direction E‖∇_z q‖_F", "linear"),
               ("kernel", "kernel E‖κ‖_F", "linear"),
               ("drift_norm", "E‖Δz‖/γ (pred x, real o)", "log"))
     dt = "float64" if any(r["dtype"] == "float64" for r in recs) else recs[0]["dtype"]
