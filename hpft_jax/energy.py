@@ -7,6 +7,9 @@
   z_T after FT, sample by sample, on one fixed input set:
   E||z_T - z_0||^2, E||z_T||^2, E z_T^T z_0 and E cos(z_T, z_0).
   The distance is *squared* (the authors' code logged it unsquared).
+  Beside them, ``dist`` = E||z_T - z_0||_2 (unsquared, mean over samples) is
+  the left-hand side of Prop. 1 (``hpft prop1``); by Jensen,
+  dist <= sqrt(dist_sq).
 """
 
 from __future__ import annotations
@@ -44,10 +47,11 @@ def p_true_histogram(logits, labels, bins: int = P0Y_BINS) -> list[int]:
 
 
 def adaptation(z0: jax.Array, zt: jax.Array, eps: float = 1e-12) -> dict[str, jax.Array]:
-    """The four averaged feature metrics; z0, zt (N, h).
+    """The four averaged feature metrics and Prop. 1's distance; z0, zt (N, h).
 
     Returns ``dist_sq`` = E||z_T - z_0||^2, ``norm_sq`` = E||z_T||^2,
-    ``dot`` = E z_T^T z_0 and ``cos`` = E cos(z_T, z_0).
+    ``dot`` = E z_T^T z_0, ``cos`` = E cos(z_T, z_0) and ``dist`` =
+    E||z_T - z_0||_2 (Prop. 1's left-hand side), all scalars.
     """
     if z0.shape != zt.shape or z0.ndim != 2:
         raise ValueError(f"z0 and zt must both be (N, h); got {z0.shape} and {zt.shape}")
@@ -56,9 +60,11 @@ def adaptation(z0: jax.Array, zt: jax.Array, eps: float = 1e-12) -> dict[str, ja
     dot = jnp.sum(zt * z0, axis=-1)
     n0 = jnp.linalg.norm(z0, axis=-1)
     nt = jnp.linalg.norm(zt, axis=-1)
+    d2 = jnp.sum((zt - z0) ** 2, axis=-1)
     return {
-        "dist_sq": jnp.mean(jnp.sum((zt - z0) ** 2, axis=-1)),
+        "dist_sq": jnp.mean(d2),
         "norm_sq": jnp.mean(nt**2),
         "dot": jnp.mean(dot),
         "cos": jnp.mean(dot / jnp.maximum(n0 * nt, eps)),
+        "dist": jnp.mean(jnp.sqrt(d2)),
     }

@@ -1,4 +1,4 @@
-"""Smoothed targets, AIE and the four adaptation metrics against numpy."""
+"""Smoothed targets, AIE, the four adaptation metrics and Prop. 1's distance against numpy."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -60,11 +60,15 @@ def test_adaptation_metrics_match_numpy():
         "norm_sq": np.mean([a @ a for a in zt]),
         "dot": np.mean([a @ b for a, b in zip(zt, z0)]),
         "cos": np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(zt, z0)]),
+        "dist": np.mean([np.sqrt(np.sum((a - b) ** 2)) for a, b in zip(zt, z0)]),
     }
+    assert set(got) == set(ref)
     for k in ref:
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, err_msg=k)
     same = energy.adaptation(jnp.asarray(z0), jnp.asarray(z0))
-    assert float(same["dist_sq"]) == 0.0
+    assert float(same["dist_sq"]) == 0.0 and float(same["dist"]) == 0.0
+    # the mean of norms, not the root of the mean square (Jensen: strictly below)
+    assert got["dist"] < np.sqrt(got["dist_sq"]) * (1 - 1e-3)
     np.testing.assert_allclose(float(same["cos"]), 1.0, rtol=1e-6)
 
 

@@ -46,7 +46,7 @@ def test_tiny_sweep_on_digits_end_to_end(runs):
     assert len(list(run.records("hp"))) == 3 * 2 + 2
     for r in ft:
         assert 0 <= r["val_acc"] <= 1 and r["aie"] > 0
-        assert set(r["adapt"]) == {"dist_sq", "norm_sq", "dot", "cos"}
+        assert set(r["adapt"]) == {"dist_sq", "norm_sq", "dot", "cos", "dist"}
         assert len(r["grad_v_norm"]) == 4
     summary = summarize(run)
     assert pick_tau_star(summary) in (0, 1, 4)
