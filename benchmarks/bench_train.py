@@ -31,7 +31,7 @@ Parts:
   ``backprop``: the naive step, full forward + backward through the frozen
   backbone every step (the gradient w.r.t. every parameter; only the head's
   is applied; the gradients' global norm is logged, as a naive loop would,
-  so XLA must compute them all). ``pruned``: the same naive step without
+  and carried through the loop, so XLA must compute them all). ``pruned``: the same naive step without
   that log; XLA then drops the unused backbone gradients, leaving the trunk's
   forward pass each step. Also for a narrow ResNet18 (``--hp-resnet-width``).
 * ``sweep``: ``hpft sweep`` with every default, end to end, as a subprocess:
@@ -407,8 +407,23 @@ def hp_case(kind: str, name: str, args) -> dict:
     cstep = jax.jit(step).lower(state0, inputs[:BATCH], y[:BATCH], key, frozen, eta).compile()
     res["flops_per_step"] = _flops(cstep)
     epoch_fn = steps.make_epoch(step, batch_size=BATCH, num_examples=HP_N)
-    run = jax.jit(steps.make_hp_run(epoch_fn))
+    if kind == "backprop":
+        # make_hp_run drops per-step metrics, and XLA would then drop the
+        # backbone gradients too; carry their norm out of the loop so that
+        # they are computed.
+        def run_fn(state, hs, ys, key, start, stop, *consts):
+            def body(e, carry):
+                s, acc = carry
+                s, m = epoch_fn(s, hs, ys, key, e, *consts)
+                return s, acc + m["grad_norm"].sum()
+            return jax.lax.fori_loop(start, stop, body, (state, jnp.float32(0.0)))
+    else:
+        run_fn = steps.make_hp_run(epoch_fn)
+    run = jax.jit(run_fn)
     out, t = _timed(lambda: run(state0, inputs, y, key, 0, epochs, frozen, eta), args.hp_reps)
+    if kind == "backprop":
+        out, acc = out
+        res["grad_norm_sum"] = float(acc)
     res["run"] = t
     res["epochs_per_s"] = epochs / t["median_s"]
     res["head_checksum"] = float(sum(jnp.sum(a) for a in jax.tree.leaves(out.params)))
