@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks._timing import flops as _flops, timed as _timed
+
 N_PROBES = 50
 CASES = ["dot", "ftstep", "structured:full", "structured:trace", "vjp_jvp:full",
          "vjp_jvp:trace", "jacobian:trace", "drift", "structured64:full",
@@ -52,26 +54,6 @@ def _setup():
     return model, params, x
 
 
-def _timed(fn, reps):
-    import jax
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    runs = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        runs.append(time.perf_counter() - t0)
-    runs.sort()
-    med = runs[len(runs) // 2]
-    return out, {"first_s": first, "compile_s": max(first - med, 0.0), "median_s": med,
-                 "runs_s": runs}
-
-
-def _flops(lowered) -> float:
-    ca = lowered.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    return float(ca.get("flops", float("nan")))
 
 
 def _structured_flops(f, params, x, trace):

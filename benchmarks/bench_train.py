@@ -55,6 +55,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks._timing import flops as _flops, timed as _timed
+
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
 BATCH = 128
 NUM_CLASSES = 10
@@ -69,29 +71,6 @@ SIZE_FLAGS = ("mlp_steps", "mlp_reps", "resnet_steps", "resnet_warmup", "resnet_
 # Child side: shared helpers
 
 
-def _timed(fn, reps: int, warmup: int = 0):
-    """(first call, median of ``reps`` calls after ``warmup`` more) in seconds."""
-    import jax
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    runs = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        runs.append(time.perf_counter() - t0)
-    runs.sort()
-    med = runs[len(runs) // 2] if runs else first
-    return out, {"first_s": first, "compile_s": max(first - med, 0.0), "median_s": med,
-                 "runs_s": runs}
-
-
-def _flops(compiled) -> float:
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    return float(ca.get("flops", float("nan")))
 
 
 def _jax_model(name: str, args):
@@ -156,20 +135,7 @@ def _ft_jax_measure(model, shape, nb: int, *, step_reps: int, warmup: int,
         box[0], m = compiled(box[0], xb, yb, key)
         return m["loss"]
 
-    t0 = time.perf_counter()
-    jax.block_until_ready(one())
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        jax.block_until_ready(one())
-    runs = []
-    for _ in range(step_reps):
-        t0 = time.perf_counter()
-        loss = jax.block_until_ready(one())
-        runs.append(time.perf_counter() - t0)
-        if sum(runs) > budget_s:
-            break
-    runs.sort()
-    res["step"] = {"first_s": first, "median_s": runs[len(runs) // 2], "runs_s": runs}
+    loss, res["step"] = _timed(one, step_reps, warmup, budget_s)
     res["step_loss"] = float(loss)
     res["step_steps_per_s"] = 1.0 / res["step"]["median_s"]
     if epoch_reps is None:
