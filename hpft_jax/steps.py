@@ -90,6 +90,17 @@ def epoch_indices(key: jax.Array, epoch: jax.Array, num_examples: int,
     return perm[: nb * batch_size].reshape(nb, batch_size)
 
 
+def step_key(key: jax.Array, epoch, i) -> jax.Array:
+    """The key of batch ``i`` of ``epoch`` in :func:`make_epoch` (augmentation
+    and any step randomness); loops that run FT step by step use it to take
+    the same steps."""
+    return jax.random.fold_in(_epoch_key(key, epoch), i)
+
+
+def _epoch_key(key: jax.Array, epoch) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(key, epoch), 1)
+
+
 def _augment_fn(kind: str) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
     if kind == "none":
         return None
@@ -186,7 +197,7 @@ def make_epoch(step, *, batch_size: int, num_examples: int):
 
     def epoch(state, xs, ys, key, epoch, *consts):
         idx = epoch_indices(key, epoch, num_examples, batch_size)
-        ekey = jax.random.fold_in(jax.random.fold_in(key, epoch), 1)
+        ekey = _epoch_key(key, epoch)
 
         def body(state, inp):
             i, ix = inp

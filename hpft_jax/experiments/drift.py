@@ -213,11 +213,8 @@ def make_programs(model, ft_cfg, *, num_classes: int, num_train: int, x_probe, m
                                        mesh=mesh, augment=augment)
 
     def step_at(state, x, y, order, key, s):
-        # The key make_epoch gives batch i of epoch e: fold_in(fold_in(fold_in(key, e), 1), i).
-        e, i = s // nb, s % nb
-        k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, e), 1), i)
         ix = order[s]
-        return train_step(state, x[ix], y[ix], k)
+        return train_step(state, x[ix], y[ix], steps.step_key(key, s // nb, s % nb))
 
     def run(state, x, y, order, key, start, stop):
         m0 = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(

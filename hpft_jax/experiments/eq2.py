@@ -357,8 +357,7 @@ def make_ft_advance(model, ft_cfg, *, num_classes: int, num_train: int,
         def body(s, st):
             e, i = s // nb, s % nb
             ix = batch(key, s)
-            skey = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, e), 1), i)
-            st, _ = step(st, xs[ix], ys[ix], skey)
+            st, _ = step(st, xs[ix], ys[ix], steps.step_key(key, e, i))
             return st
 
         return jax.lax.fori_loop(start, stop, body, state)
