@@ -39,11 +39,15 @@ def p_true(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.take_along_axis(p, labels[:, None], axis=-1)[:, 0]
 
 
+def histogram(p_true_values, bins: int = P0Y_BINS) -> list[int]:
+    """Counts of p_0[y] values (N,) in ``bins`` equal bins over [0, 1] (host side)."""
+    counts, _ = np.histogram(np.asarray(p_true_values), bins=bins, range=(0.0, 1.0))
+    return counts.tolist()
+
+
 def p_true_histogram(logits, labels, bins: int = P0Y_BINS) -> list[int]:
     """Counts of p_0[y] in ``bins`` equal bins over [0, 1] (host side)."""
-    counts, _ = np.histogram(np.asarray(p_true(logits, labels)), bins=bins,
-                             range=(0.0, 1.0))
-    return counts.tolist()
+    return histogram(p_true(logits, labels), bins)
 
 
 def adaptation(z0: jax.Array, zt: jax.Array, eps: float = 1e-12) -> dict[str, jax.Array]:

@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpft_jax import checkpoint, energy, errors, parallel, steps
+from hpft_jax import checkpoint, data as data_lib, energy, errors, parallel, steps
 from hpft_jax.losses import accuracy, cross_entropy
 from hpft_jax.params import merge, partition
 from hpft_jax.progress import bar
+from hpft_jax.rng import FT_DATA, seed_key
 
 Tree = Any
 
@@ -54,7 +55,56 @@ def init_carry(params, batch_stats, tx) -> FTCarry:
                    jnp.int32(-1), jnp.int32(0), jnp.bool_(False))
 
 
-def make_ft_epoch(model, tx, ft_cfg, *, num_classes: int, num_train: int, mesh=None,
+def ft_tx(ft_cfg, num_train: int):
+    """FT's optimizer: its cosine schedule spans ``ft_cfg.epochs`` epochs."""
+    return steps.ft_optimizer(ft_cfg, ft_cfg.epochs * steps.num_batches(num_train,
+                                                                        ft_cfg.batch_size))
+
+
+def make_ft_step(model, ft_cfg, *, num_classes: int, num_train: int, mesh=None,
+                 augment: str = "none"):
+    """``(tx, step)``: FT's optimizer and train step; every FT in the library
+    (early-stopped or fixed-length) is built from this pair."""
+    tx = ft_tx(ft_cfg, num_train)
+    return tx, steps.make_train_step(model, tx, num_classes=num_classes, eta=ft_cfg.eta,
+                                     mesh=mesh, augment=augment)
+
+
+class FTSteps(NamedTuple):
+    """Fixed-length FT, step by step, without early stopping (drift, eq2).
+
+    ``run(state, xs, ys, key, start, stop) -> (state, metrics of the last
+    step)`` is jitted with the state donated and takes exactly the steps
+    [start, stop) that :func:`finetune` takes (same optimizer, schedule,
+    batches and keys; ``key = rng.seed_key(seed, FT_DATA)``);
+    ``batch(key, s)`` gives step ``s``'s (B,) example indices.
+    """
+
+    tx: Any
+    run: Any
+    batch: Any
+    num_batches: int
+    total_steps: int
+
+
+def make_ft_steps(model, ft_cfg, *, num_classes: int, num_train: int, mesh=None,
+                  augment: str = "none") -> FTSteps:
+    """:class:`FTSteps` for ``ft_cfg.epochs`` epochs of ``num_train`` examples."""
+    nb = steps.num_batches(num_train, ft_cfg.batch_size)
+    if nb < 1:
+        raise ValueError(f"FT batch {ft_cfg.batch_size} is larger than the {num_train} "
+                         "training examples")
+    tx, step = make_ft_step(model, ft_cfg, num_classes=num_classes, num_train=num_train,
+                            mesh=mesh, augment=augment)
+    run = steps.make_step_range(step, batch_size=ft_cfg.batch_size, num_examples=num_train)
+
+    def batch(key, s):
+        return steps.epoch_indices(key, s // nb, num_train, ft_cfg.batch_size)[s % nb]
+
+    return FTSteps(tx, jax.jit(run, donate_argnums=0), jax.jit(batch), nb, ft_cfg.epochs * nb)
+
+
+def make_ft_epoch(model, ft_cfg, *, num_classes: int, num_train: int, mesh=None,
                   augment: str = "none"):
     """``ft_epoch(carry, data, key, epoch[, frozen]) -> (carry, metrics)``, one run.
 
@@ -64,8 +114,8 @@ def make_ft_epoch(model, tx, ft_cfg, *, num_classes: int, num_train: int, mesh=N
     (num_batches,), and scalars ``train_acc`` (running, over the epoch's
     batches), ``val_acc``, ``test_acc`` (eval mode) and ``active``.
     """
-    step = steps.make_train_step(model, tx, num_classes=num_classes, eta=ft_cfg.eta,
-                                 mesh=mesh, augment=augment)
+    _, step = make_ft_step(model, ft_cfg, num_classes=num_classes, num_train=num_train,
+                           mesh=mesh, augment=augment)
     epoch = steps.make_epoch(step, batch_size=ft_cfg.batch_size, num_examples=num_train)
 
     def evaluate(state, frozen, x, y):
@@ -106,16 +156,14 @@ def make_ft_epoch(model, tx, ft_cfg, *, num_classes: int, num_train: int, mesh=N
 def _epoch_program(model, ft_cfg, num_classes: int, num_train: int, mesh, augment: str):
     """The jitted, vmapped FT epoch; cached so that sequential runs (one
     ``finetune`` call per τ) reuse one compiled program."""
-    nb = steps.num_batches(num_train, ft_cfg.batch_size)
-    tx = steps.ft_optimizer(ft_cfg, ft_cfg.epochs * nb)
-    epoch = make_ft_epoch(model, tx, ft_cfg, num_classes=num_classes, num_train=num_train,
+    epoch = make_ft_epoch(model, ft_cfg, num_classes=num_classes, num_train=num_train,
                           mesh=mesh, augment=augment)
     return jax.jit(jax.vmap(epoch, in_axes=(0, None, 0, None, 0)), donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=16)
 def _init_program(ft_cfg, num_train: int):
-    tx = steps.ft_optimizer(ft_cfg, ft_cfg.epochs * steps.num_batches(num_train, ft_cfg.batch_size))
+    tx = ft_tx(ft_cfg, num_train)
     return jax.jit(jax.vmap(lambda p, s: init_carry(p, s, tx)))
 
 
@@ -164,9 +212,6 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     Returns the per-run results and the final (best) variables, stacked
     over runs.
     """
-    from hpft_jax import data as data_lib
-    from hpft_jax.hp import FT_DATA, seed_key
-
     mesh = parallel.data_mesh() if mesh is None else mesh
     n = data["train_x"].shape[0]
     data_lib.check_batch_size(n, ft_cfg.batch_size, what="the downstream training set (FT)")
@@ -257,8 +302,7 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
             "test_acc": float(hist["test_acc"][r, be]),
             "train_acc": float(train_acc_t[r]),
             "aie": float(at_start["aie"][r]),
-            "p0y_hist": np.histogram(at_start["p_true"][r], bins=energy.P0Y_BINS,
-                                     range=(0, 1))[0].tolist(),
+            "p0y_hist": energy.histogram(at_start["p_true"][r]),
             "adapt": {k: float(v[r]) for k, v in adapt.items()},
             "grad_v_norm": None if dirn is None else dirn[r].tolist(),
             "curves": {k: hist[k][r, :int(hist["active"][r].sum())].tolist()

@@ -18,20 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpft_jax import energy, errors, parallel, steps
+from hpft_jax import data as data_lib, energy, errors, parallel, steps
 from hpft_jax.losses import accuracy, cross_entropy, smooth_targets
 from hpft_jax.params import head_block_names, is_head_path, merge, partition
 from hpft_jax.progress import bar
+from hpft_jax.rng import HEAD_INIT, HP_DATA, seed_key
 
 Tree = Any
-
-# Tags folded into a seed's key, so each stage draws independent randomness.
-HEAD_INIT, HP_DATA, FT_DATA = 0, 1, 2
-
-
-def seed_key(seed: int, tag: int) -> jax.Array:
-    return jax.random.fold_in(jax.random.key(seed), tag)
-
 
 @dataclasses.dataclass
 class Probe:
@@ -79,8 +72,6 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
     train_x (N, ...), train_y (N,). ``variants['hp']`` snapshots at every τ
     of ``hp_cfg.taus``; any other variant (lsHP) only at the largest τ.
     """
-    from hpft_jax import data as data_lib
-
     mesh = parallel.data_mesh() if mesh is None else mesh
     n = train_x.shape[0]
     data_lib.check_batch_size(n, hp_cfg.batch_size, what="the downstream training set (HP)")
@@ -115,9 +106,14 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
     pb = bar(total, "head probing", enabled=progress)
     step = steps.make_hp_step(model, tx, num_classes=num_classes, split=split, mesh=mesh,
                               augment=augment)
-    epoch_fn = steps.make_epoch(step, batch_size=hp_cfg.batch_size, num_examples=n)
-    run = jax.jit(jax.vmap(steps.make_hp_run(epoch_fn),
-                           in_axes=(0, None, None, 0, None, None, None, None)),
+    step_range = steps.make_step_range(step, batch_size=hp_cfg.batch_size, num_examples=n,
+                                       reduce=steps.discard())
+
+    def epochs(state, h, yy, key, start, stop, fr, eta):
+        """HP epochs [start, stop): one program for every stretch between snapshots."""
+        return step_range(state, h, yy, key, start * nb, stop * nb, fr, eta)[0]
+
+    run = jax.jit(jax.vmap(epochs, in_axes=(0, None, None, 0, None, None, None, None)),
                   donate_argnums=0)
     for variant, eta in variants.items():
         eta_arr = jnp.float32(eta)
@@ -144,8 +140,7 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
                     "variant": variant, "seed": int(seed), "tau": int(tau), "eta_hp": float(eta),
                     "hp_train_acc": float(m["acc"][i]), "hp_train_loss": float(m["loss"][i]),
                     "aie_hp": float(m["aie"][i]),
-                    "p0y_hist": np.histogram(m["p_true"][i], bins=energy.P0Y_BINS,
-                                             range=(0.0, 1.0))[0].tolist(),
+                    "p0y_hist": energy.histogram(m["p_true"][i]),
                 })
         pb.update(taus[-1] - done)
     pb.close()

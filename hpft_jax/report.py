@@ -10,21 +10,14 @@ from __future__ import annotations
 import collections
 import math
 import os
-from typing import Iterable
 
 import numpy as np
 
+from hpft_jax.outputs import STD_NOTE, mean_std as _mean_std, md_table, plt, publish, save_figure
 from hpft_jax.runlog import RunDir
 
 ADAPT = (("dist_sq", "E‖z_T−z_0‖²"), ("norm_sq", "E‖z_T‖²"), ("dot", "E z_Tᵀz_0"),
          ("cos", "E cos(z_T, z_0)"))
-
-
-def _mean_std(xs: Iterable[float]) -> tuple[float, float]:
-    a = np.asarray([x for x in xs if x is not None], dtype=float)
-    if a.size == 0:
-        return math.nan, math.nan
-    return float(a.mean()), float(a.std())
 
 
 def summarize(run: RunDir) -> dict:
@@ -88,33 +81,20 @@ def table1(summary: dict) -> str:
         rows.append((f"HPτ*-FT (τ*={tstar})", _pct(summary[("hp", tstar)]["test_acc"])))
     if ("lshp", tmax) in summary:
         rows.append((f"lsHP{tmax}-FT", _pct(summary[("lshp", tmax)]["test_acc"])))
-    lines = ["| | test accuracy (%) |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
-    return "\n".join(lines)
+    return md_table(["", "test accuracy (%)"], rows)
 
 
 def sweep_table(summary: dict) -> str:
     """Markdown: every (variant, τ) with energy, accuracies and adaptation."""
     head = ["variant", "τ", "HP-train-acc", "AIE", "FT val", "FT test"] + [n for _, n in ADAPT]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (v, t), row in summary.items():
-        cells = [v, str(t), _pct(row["hp_train_acc"]), _num(row["aie"], "{:.3f}"),
-                 _pct(row["val_acc"]), _pct(row["test_acc"])]
-        cells += [_num(row[k], "{:.4g}") for k, _ in ADAPT]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return md_table(head, ([v, t, _pct(row["hp_train_acc"]), _num(row["aie"], "{:.3f}"),
+                            _pct(row["val_acc"]), _pct(row["test_acc"])]
+                           + [_num(row[k], "{:.4g}") for k, _ in ADAPT]
+                           for (v, t), row in summary.items()))
 
 
 # --------------------------------------------------------------------------
 # Figures
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _series(summary, key, variant="hp"):
@@ -125,53 +105,73 @@ def _series(summary, key, variant="hp"):
     return t, m, s
 
 
-def _tau_axis(ax):
-    ax.set_xscale("symlog", linthresh=1)
+def _tau_axis(ax, taus) -> None:
+    """A symlog τ axis (0 and the powers of 2 evenly spaced) with plain tick
+    labels at the swept τ, no negative decades, room for the last point."""
+    taus = sorted(int(t) for t in taus)
+    ax.set_xscale("symlog", linthresh=1, linscale=0.5)
+    ax.set_xlim(-0.3, 1.6 * max(taus[-1], 1))
+    ticks = [t for i, t in enumerate(taus) if i % 2 == 0 or t == taus[-1]]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_locator(plt().NullLocator())
     ax.set_xlabel("HP epochs τ")
     ax.grid(alpha=0.3)
 
 
-def _errplot(ax, summary, key, label=None, scale=1.0):
-    t, m, s = _series(summary, key)
-    ax.errorbar(t, scale * m, yerr=scale * s, marker="o", capsize=3, label=label)
+def _n_seeds(summary: dict) -> int:
+    return max((row["n_seeds"] for row in summary.values()), default=0)
+
+
+def _errplot(ax, summary, key, label=None, scale=1.0, variant="hp", **kw):
+    t, m, s = _series(summary, key, variant)
+    if variant != "hp":
+        t = t * 1.15  # beside the HP point at the same τ, not on it
+    if t.size:
+        ax.errorbar(t, scale * m, yerr=scale * s, marker=kw.pop("marker", "o"), capsize=3,
+                    label=label, **kw)
 
 
 def figures(run: RunDir, summary: dict) -> list[str]:
     """Write the sweep's figures; returns their paths."""
-    plt = _plt()
+    pyplot = plt()
     paths = []
+    taus = [t for v, t in summary if v == "hp"]
+    err = f"error bars: {STD_NOTE.replace('seeds', f'{_n_seeds(summary)} seeds')}"
 
     def save(fig, name):
-        p = run.figures(name)
-        fig.tight_layout()
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(run, fig, name))
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    _errplot(ax, summary, "aie")
+    fig, ax = pyplot.subplots(figsize=(5, 3.8))
+    _errplot(ax, summary, "aie", label="HP")
+    _errplot(ax, summary, "aie", label="lsHP", variant="lshp", marker="s", color="C3")
     ax.set_ylabel("AIE = E‖e_y − p_0‖")
-    _tau_axis(ax)
-    ax.set_title("Initial energy after HP")
+    _tau_axis(ax, taus)
+    ax.set_title("Initial energy after HP", fontsize=10)
+    ax.legend(fontsize=8, title=err, title_fontsize=7, loc="upper right")
     save(fig, "aie_vs_tau.png")
 
-    fig, axes = plt.subplots(2, 2, figsize=(9, 6.5))
+    fig, axes = pyplot.subplots(2, 2, figsize=(9, 6.5))
     for ax, (k, name) in zip(axes.flat, ADAPT):
-        _errplot(ax, summary, k)
+        _errplot(ax, summary, k, label="HP")
+        _errplot(ax, summary, k, label="lsHP", variant="lshp", marker="s", color="C3")
         ax.set_ylabel(name)
-        _tau_axis(ax)
-    fig.suptitle("Feature adaptation after FT, against τ")
+        _tau_axis(ax, taus)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"Feature adaptation after FT, against τ ({err})", fontsize=10)
     save(fig, "adaptation_vs_tau.png")
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    _errplot(ax, summary, "val_acc", label="FT validation", scale=100)
-    _errplot(ax, summary, "test_acc", label="FT test", scale=100)
+    fig, ax = pyplot.subplots(figsize=(5.5, 4.6))
+    _errplot(ax, summary, "val_acc", label="HP-FT validation", scale=100)
+    _errplot(ax, summary, "test_acc", label="HP-FT test", scale=100)
+    _errplot(ax, summary, "test_acc", label="lsHP-FT test", scale=100, variant="lshp",
+             marker="s", color="C3")
     tstar = pick_tau_star(summary)
     if tstar is not None:
         ax.axvline(tstar, color="k", ls=":", label=f"τ* = {tstar} (by validation)")
     ax.set_ylabel("accuracy (%)")
-    _tau_axis(ax)
-    ax.legend(fontsize=8)
+    _tau_axis(ax, taus)
+    ax.legend(fontsize=7, title=err, title_fontsize=7, ncol=2, loc="upper center",
+              bbox_to_anchor=(0.5, -0.2))
     save(fig, "ft_acc_vs_tau.png")
 
     fts = [r for r in run.records("ft") if r["variant"] == "hp"]
@@ -182,7 +182,7 @@ def figures(run: RunDir, summary: dict) -> list[str]:
         taus = sorted(by_tau)
         cols = min(len(taus), 4)
         rows_ = math.ceil(len(taus) / cols)
-        fig, axes = plt.subplots(rows_, cols, figsize=(3 * cols, 2.3 * rows_), squeeze=False)
+        fig, axes = pyplot.subplots(rows_, cols, figsize=(3 * cols, 2.3 * rows_), squeeze=False)
         edges = np.linspace(0, 1, len(fts[0]["p0y_hist"]) + 1)
         for ax, t in zip(axes.flat, taus):
             counts = np.sum([r["p0y_hist"] for r in by_tau[t]], axis=0)
@@ -194,8 +194,8 @@ def figures(run: RunDir, summary: dict) -> list[str]:
         fig.suptitle("p_0[y] at the start of FT (all seeds)")
         save(fig, "p0y_hist.png")
 
-        colors = plt.cm.viridis(np.linspace(0, 0.95, len(taus)))
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        colors = pyplot.cm.viridis(np.linspace(0, 0.95, len(taus)))
+        fig, ax = pyplot.subplots(figsize=(5, 3.5))
         for t, c in zip(taus, colors):
             g = [r["grad_v_norm"] for r in by_tau[t] if r.get("grad_v_norm")]
             if g:
@@ -207,7 +207,7 @@ def figures(run: RunDir, summary: dict) -> list[str]:
         ax.legend(fontsize=7, ncol=2)
         save(fig, "direction.png")
 
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, ax = pyplot.subplots(figsize=(5, 3.5))
         for t, c in zip(taus, colors):
             curves = [r["curves"]["val_acc"] for r in by_tau[t]]
             n = min(len(c) for c in curves)
@@ -259,20 +259,14 @@ def report(run_dir: str, *, write_figures: bool = True, out=print) -> str:
     summary = summarize(run)
     if not summary:
         raise ValueError(f"{run.path} has no HP/FT records in metrics*.jsonl yet")
-    text = "\n\n".join([
+    parts = [
         f"# Sweep report: {run.path}",
         "## Table 1 layout (downstream test accuracy; τ* chosen on validation)",
         table1(summary),
-        "## Every τ (mean ± std over seeds)",
+        f"## Every τ ({STD_NOTE})",
         sweep_table(summary),
         "## Trends (paper: distance falls, cos rises, dot/norm rise then fall)",
         "\n".join("- " + s for s in trends(summary)),
-    ])
-    if write_figures:
-        paths = figures(run, summary)
-        text += "\n\n## Figures\n\n" + "\n".join(
-            f"- {os.path.relpath(p, run.path)}" for p in paths)
-    with open(os.path.join(run.path, "report.md"), "w") as f:
-        f.write(text + "\n")
-    out(text)
-    return text
+    ]
+    return publish(run, "report.md", parts, figures(run, summary) if write_figures else [],
+                   out=out)

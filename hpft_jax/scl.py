@@ -22,7 +22,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from hpft_jax.collapse import global_avg_pool
+from hpft_jax.neural_collapse import global_avg_pool
 from hpft_jax.models import Classifier
 
 

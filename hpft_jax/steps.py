@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hpft_jax import parallel
+from hpft_jax import parallel, rng
 from hpft_jax.losses import accuracy, cross_entropy, smooth_targets
 from hpft_jax.params import merge, partition
 
@@ -88,17 +88,6 @@ def epoch_indices(key: jax.Array, epoch: jax.Array, num_examples: int,
     nb = num_batches(num_examples, batch_size)
     perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
     return perm[: nb * batch_size].reshape(nb, batch_size)
-
-
-def step_key(key: jax.Array, epoch, i) -> jax.Array:
-    """The key of batch ``i`` of ``epoch`` in :func:`make_epoch` (augmentation
-    and any step randomness); loops that run FT step by step use it to take
-    the same steps."""
-    return jax.random.fold_in(_epoch_key(key, epoch), i)
-
-
-def _epoch_key(key: jax.Array, epoch) -> jax.Array:
-    return jax.random.fold_in(jax.random.fold_in(key, epoch), 1)
 
 
 def _augment_fn(kind: str) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
@@ -183,27 +172,106 @@ def make_train_step(model, tx, *, num_classes: int, eta: float | jax.Array,
     return step
 
 
+class Reduce(NamedTuple):
+    """How a step range folds its per-step metrics (an optax-style pair).
+
+    ``init(metric_shapes, start) -> acc`` and ``update(acc, s, metrics) -> acc``,
+    where ``s`` is the global step number and ``metric_shapes`` the
+    ``jax.ShapeDtypeStruct`` tree of one step's metrics.
+    """
+
+    init: Callable
+    update: Callable
+
+
+def discard() -> Reduce:
+    """Keep no metrics (XLA may then skip computing them)."""
+    return Reduce(lambda shapes, start: (), lambda acc, s, m: acc)
+
+
+def last_step() -> Reduce:
+    """Keep the metrics of the last step run (zeros if none ran)."""
+    return Reduce(
+        lambda shapes, start: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes),
+        lambda acc, s, m: m)
+
+
+def per_step(length: int) -> Reduce:
+    """Stack the metrics of steps ``[start, start + length)``: arrays (length, ...)."""
+
+    def init(shapes, start):
+        return jax.tree_util.tree_map(
+            lambda a: jnp.zeros((length,) + a.shape, a.dtype), shapes), start
+
+    def update(acc, s, m):
+        buf, start = acc
+        return jax.tree_util.tree_map(lambda b, v: b.at[s - start].set(v), buf, m), start
+
+    return Reduce(init, update)
+
+
+def make_step_range(step, *, batch_size: int, num_examples: int, reduce: Reduce | None = None):
+    """``run(state, xs, ys, key, start, stop, *consts) -> (state, acc)``: steps [start, stop).
+
+    The one training loop of the library: pretraining, HP, early-stopped FT
+    and the fixed-length FT of the analysis experiments all run through it,
+    so they take the same steps by construction. Global step ``s`` trains on
+    batch ``s % nb`` of the permutation of epoch ``s // nb`` (drawn from
+    ``fold_in(key, epoch)``; nb = full batches per epoch) with the key
+    :func:`hpft_jax.rng.step_key` ``(key, epoch, batch)``. Data stay on
+    device and every batch is gathered by index, so no host round-trip
+    happens inside the range. ``start``/``stop`` may be traced: one compiled
+    program serves every stretch. ``consts`` are passed to every ``step``
+    call unchanged (frozen parameters, as arguments rather than constants
+    baked into the program). ``reduce`` folds the per-step metrics
+    (default :func:`last_step`).
+    """
+    nb = num_batches(num_examples, batch_size)
+    if nb < 1:
+        raise ValueError(
+            f"batch size {batch_size} is larger than the {num_examples} training examples")
+    reduce = last_step() if reduce is None else reduce
+
+    def run(state, xs, ys, key, start, stop, *consts):
+        start = jnp.asarray(start, jnp.int32)
+        stop = jnp.asarray(stop, jnp.int32)
+        shapes = jax.eval_shape(lambda st: step(st, xs[:batch_size], ys[:batch_size], key,
+                                                *consts)[1], state)
+
+        def epoch_body(e, carry):
+            idx = epoch_indices(key, e, num_examples, batch_size)
+            ekey = rng.epoch_key(key, e)
+
+            def body(i, carry):
+                st, acc = carry
+                ix = idx[i]
+                st, m = step(st, xs[ix], ys[ix], jax.random.fold_in(ekey, i), *consts)
+                return st, reduce.update(acc, e * nb + i, m)
+
+            lo = jnp.maximum(start - e * nb, 0)
+            hi = jnp.minimum(stop - e * nb, nb)
+            return jax.lax.fori_loop(lo, hi, body, carry)
+
+        return jax.lax.fori_loop(start // nb, (stop + nb - 1) // nb, epoch_body,
+                                 (state, reduce.init(shapes, start)))
+
+    return run
+
+
 def make_epoch(step, *, batch_size: int, num_examples: int):
     """``epoch(state, x, y, key, epoch, *consts) -> (state, per-step metrics)``.
 
-    One ``lax.scan`` over the full batches of a fresh permutation; per-step
-    metrics come back stacked, shape (num_batches,). ``consts`` are passed to
-    every ``step`` call unchanged (frozen parameters, as arguments rather than
-    closed-over constants baked into the program).
+    The steps of one epoch through :func:`make_step_range`; per-step metrics
+    come back stacked, shape (num_batches,).
     """
-    if num_batches(num_examples, batch_size) < 1:
-        raise ValueError(
-            f"batch size {batch_size} is larger than the {num_examples} training examples")
+    nb = num_batches(num_examples, batch_size)
+    run = make_step_range(step, batch_size=batch_size, num_examples=num_examples,
+                          reduce=per_step(max(nb, 1)))
 
     def epoch(state, xs, ys, key, epoch, *consts):
-        idx = epoch_indices(key, epoch, num_examples, batch_size)
-        ekey = _epoch_key(key, epoch)
-
-        def body(state, inp):
-            i, ix = inp
-            return step(state, xs[ix], ys[ix], jax.random.fold_in(ekey, i), *consts)
-
-        return jax.lax.scan(body, state, (jnp.arange(idx.shape[0]), idx))
+        e = jnp.asarray(epoch, jnp.int32)
+        state, (metrics, _) = run(state, xs, ys, key, e * nb, (e + 1) * nb, *consts)
+        return state, metrics
 
     return epoch
 
@@ -274,20 +342,3 @@ def _in_tree(tree: Tree) -> Callable[[tuple], bool]:
 
     keys = set(traverse_util.flatten_dict(tree))
     return lambda path: path in keys
-
-
-def make_hp_run(epoch_fn):
-    """``run(state, h, y, key, start, stop, *consts) -> state``: epochs [start, stop).
-
-    A ``fori_loop`` with traced bounds, so one compiled program serves every
-    stretch between two snapshots.
-    """
-
-    def run(state, hs, ys, key, start, stop, *consts):
-        def body(e, s):
-            s, _ = epoch_fn(s, hs, ys, key, e, *consts)
-            return s
-
-        return jax.lax.fori_loop(start, stop, body, state)
-
-    return run

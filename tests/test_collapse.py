@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from hpft_jax import collapse as nc
+from hpft_jax import neural_collapse as nc
 from hpft_jax.models import Classifier, LinearHead, MLPBackbone, ResNetTiny
 
 

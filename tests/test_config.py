@@ -43,10 +43,11 @@ def test_configs_are_frozen():
 
 
 def test_cli_flags_fill_the_dataclasses():
-    from hpft_jax.cli import build_parser, config_from_args
+    from hpft_jax.cli import build_parser
+    from hpft_jax.flags import sweep_config
 
     def cfg(*argv):
-        return config_from_args(build_parser().parse_args(["sweep", *argv]))
+        return sweep_config(build_parser(["sweep"]).parse_args(["sweep", *argv]))
 
     assert cfg() == C.SweepConfig()
     assert cfg("--ls-eta", "none").ls_eta is None  # an explicit None is kept

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from hpft_jax import config as C, data as data_lib, hp, pretrain, steps
+from hpft_jax import config as C, data as data_lib, prepare, pretrain, rng, steps
 from hpft_jax.cli import main
 from hpft_jax.experiments import drift as D
 from hpft_jax.models import MLPBackbone, make_classifier
@@ -116,7 +116,7 @@ def test_probe_states_are_one_ft_step_apart(e2e):
     model = make_classifier(cfg.sweep.model, ds.num_classes)
     tx = steps.ft_optimizer(ft, ft.epochs * nb)
     step = jax.jit(steps.make_train_step(model, tx, num_classes=ds.num_classes, eta=ft.eta))
-    key = hp.seed_key(0, hp.FT_DATA)
+    key = rng.seed_key(0, rng.FT_DATA)
     states = seen["hp2"]
     order = np.stack([steps.epoch_indices(key, jnp.int32(e), n, bs) for e in range(ft.epochs)])
     for t, (a, b) in states.items():
@@ -169,7 +169,7 @@ def test_rerun_skips_finished_settings(e2e, monkeypatch):
     calls = []
     monkeypatch.setattr(D, "drift_run",
                         lambda *a, **k: calls.append(k["desc"]) or {"final_state": None})
-    monkeypatch.setattr(D, "scratch_init", lambda *a: (None, None))  # no init to compile
+    monkeypatch.setattr(prepare, "scratch_init", lambda *a: (None, None))  # no init to compile
     assert main(_argv(runs, "--no-figures")) == 0  # everything logged: nothing runs
     assert calls == []
     with open(run.metrics_file) as f:
@@ -177,7 +177,7 @@ def test_rerun_skips_finished_settings(e2e, monkeypatch):
     try:  # without the scratch record, exactly that setting runs again
         with open(run.metrics_file, "w") as f:
             f.writelines(ln for ln in lines if json.loads(ln).get("setting") != "scratch")
-        D.run_drift(cfg, progress=False)
+        D.EXPERIMENT.execute(cfg, progress=False)
         assert calls == ["drift scratch seed=0"]
     finally:
         with open(run.metrics_file, "w") as f:
@@ -199,20 +199,20 @@ def test_bad_config_raises(kw, match):
 
 
 def test_schedule_and_probe_indices():
-    with pytest.raises(ValueError, match="larger than the downstream training set"):
-        D.probe_indices(10, 11)
+    with pytest.raises(ValueError, match="only 10 examples"):
+        rng.probe_indices(10, 11)
     with pytest.raises(ValueError, match="every must be >= 1"):
         D.probe_steps(10, 0)
     assert D.probe_steps(10, 4) == [0, 4, 8]
     assert D.resolve_every(None, 100) == 100 // D.TARGET_PROBES and D.resolve_every(None, 7) == 1
-    idx = D.probe_indices(100, 50)
+    idx = rng.probe_indices(100, 50, seed=D.PROBE_SEED)
     assert len(set(idx.tolist())) == 50 and list(idx) == sorted(idx)
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--probes", "100000"], "larger than the downstream training set"),
+    (["--probes", "100000"], "100000 --probes requested"),
     (["--every", "0"], "every must be a positive"),
-    (["--taus", ""], "at least one τ"),
+    (["--taus", ""], "the tau list is empty"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, extra, match):
     assert main(_argv(tmp_path, *extra)) == 2

@@ -9,7 +9,7 @@ from flax import traverse_util
 from hpft_jax import hp, steps
 from hpft_jax.config import HPConfig
 from hpft_jax.params import head_block_names, is_head_path
-from hpft_jax.sweep import RunKey, ft_inits
+from hpft_jax.prepare import RunKey, ft_inits
 
 from _toy import HP, blobs, init_vars, tiny_model
 
@@ -84,10 +84,10 @@ def test_hp_learns_and_records_energy():
 
 def test_hp_traces_once_for_all_segments(monkeypatch):
     calls = {"n": 0}
-    orig = steps.make_hp_run
+    orig = steps.make_step_range
 
-    def counting(epoch_fn):
-        run = orig(epoch_fn)
+    def counting(*a, **k):
+        run = orig(*a, **k)
 
         def traced(*a):
             calls["n"] += 1
@@ -95,7 +95,7 @@ def test_hp_traces_once_for_all_segments(monkeypatch):
 
         return traced
 
-    monkeypatch.setattr(steps, "make_hp_run", counting)
+    monkeypatch.setattr(steps, "make_step_range", counting)
     x, y = blobs(64)
     model = tiny_model()
     _probe(model, init_vars(model, x), x, y, cfg=HPConfig(taus=(0, 1, 2, 4, 8), batch_size=32),

@@ -10,7 +10,8 @@ from hpft_jax import config as C
 from hpft_jax.cli import main
 from hpft_jax.report import pick_tau_star, summarize
 from hpft_jax.runlog import RunDir
-from hpft_jax.sweep import plan, run_sweep
+from hpft_jax.prepare import plan
+from hpft_jax.sweep import run_sweep
 
 TINY = C.SweepConfig(
     name="tiny",
@@ -103,7 +104,7 @@ def test_batch_groups_cover_the_plan_in_order(tmp_path):
 def test_opposite_energy_warns(tmp_path):
     cfg = _cfg(tmp_path, ft=dataclasses.replace(TINY.ft, eta=0.8))
     with pytest.warns(UserWarning, match="opposite energy"):
-        from hpft_jax.sweep import warn_opposite_energy
+        from hpft_jax.prepare import warn_opposite_energy
         warn_opposite_energy(cfg)
 
 
@@ -129,4 +130,6 @@ def test_cli_reports_bad_input(tmp_path, capsys, argv, msg):
     code = main(["sweep", "--quiet", "--runs-dir", str(tmp_path), "--pretrain-epochs", "1",
                  "--ft-epochs", "1", "--seeds", "0", "--ls-eta", "none"] + argv)
     assert code == 2
+    # rejected before anything is written: the corrected command may reuse the name
+    assert not os.path.exists(tmp_path / "toy" / "config.json")
     assert msg in capsys.readouterr().err

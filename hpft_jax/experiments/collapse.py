@@ -137,7 +137,7 @@ class Meter:
     """
 
     def __init__(self, plain_model, x, y, num_classes: int, *, chunk: int = EVAL_CHUNK):
-        from hpft_jax import collapse as nc
+        from hpft_jax import neural_collapse as nc
 
         self.names = block_names(plain_model)
         self.blocks_fn = nc.block_features_fn(plain_model)  # same tree for SCL models
@@ -158,7 +158,7 @@ class Meter:
     def _layer_stats(self, variables):
         import jax.numpy as jnp
 
-        from hpft_jax import collapse as nc
+        from hpft_jax import neural_collapse as nc
 
         means = None
         for xb, yb in self.chunks:
@@ -173,7 +173,7 @@ class Meter:
         return [nc.finalize(m, s) for m, s in zip(means, scat)]
 
     def __call__(self, model, variables) -> dict:
-        from hpft_jax import collapse as nc
+        from hpft_jax import neural_collapse as nc
 
         z = self._z(model, variables)
         layer = {n: nc.nc1_from_stats(s) for n, s in zip(self.names, self._layer_stats(variables))}

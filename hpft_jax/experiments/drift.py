@@ -9,18 +9,16 @@ changes slowly during finetuning. Fig. 6 checks it on 50 probe inputs
 where t+1 is one SGD step after t, for these settings (one FT run each):
 
 * ``scratch`` ("Rnd backbone"): a randomly initialised backbone with the
-  sweep's τ = 0 head (:func:`scratch_init`), finetuned on the downstream
+  sweep's τ = 0 head (:func:`hpft_jax.prepare.scratch_init`), finetuned on the downstream
   data (training from scratch);
 * ``hp{τ}`` ("PT backbone HPτ"): the cached pretrained backbone with the
   head after τ epochs of HP, exactly as :mod:`hpft_jax.sweep` builds them
-  (:func:`~hpft_jax.sweep.pretrained_for`, :func:`~hpft_jax.sweep.run_hp`,
-  :func:`~hpft_jax.sweep.ft_inits`).
+  (:func:`hpft_jax.prepare.prepare`).
 
-FT is the sweep's: :func:`hpft_jax.steps.make_train_step` with
-:func:`hpft_jax.steps.ft_optimizer` and the sweep's FTConfig (SGD + momentum,
-cosine schedule over the run, the same data order as :func:`hpft_jax.ft.finetune`),
-but with no early stopping: every run trains ``ft.epochs`` epochs. The loop
-is one pure jitted step (state donated, data on device); the host sees the
+FT is the sweep's, run by :func:`hpft_jax.ft.make_ft_steps` (the same steps,
+optimizer, schedule, batches and keys as :func:`hpft_jax.ft.finetune`) but
+with no early stopping: every run trains ``ft.epochs`` epochs. The loop is
+one jitted step range (state donated, data on device); the host sees the
 state only at probe points t = 0, s, 2s, ... (``every`` = s). There the
 experiment takes the backbone's eval-mode eNTK factors before and after the
 one SGD step t -> t+1 (:func:`theory.ntk.make_drift_fn`; factors are reused
@@ -40,14 +38,25 @@ setting restarts). :func:`report` rebuilds ``drift.md`` and
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import os
 import time
 from typing import Any, Callable, NamedTuple
 
-from hpft_jax import config as config_lib
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hpft_jax import energy, errors, ft, parallel, prepare, steps
+from hpft_jax.config import SweepConfig
+from hpft_jax.experiment import Experiment, sweep_field
+from hpft_jax.flags import option
+from hpft_jax.losses import accuracy, cross_entropy
+from hpft_jax.outputs import md_table, plt, save_figure
+from hpft_jax.progress import bar
+from hpft_jax.rng import FT_DATA, probe_indices, seed_key
+from hpft_jax.runlog import RunDir
+from theory.ntk import make_drift_fn
 
 Tree = Any
 DEFAULT_TAUS = (0, 16, 1024)
@@ -55,27 +64,22 @@ TARGET_PROBES = 20  # probe points per setting when ``every`` is not given (cost
 PROBE_SEED = 0  # the probe samples are the same for every setting and seed
 
 
-def _default_sweep() -> config_lib.SweepConfig:
-    return config_lib.SweepConfig(name="drift", seeds=(0,), ls_eta=None,
-                                  hp=config_lib.HPConfig(taus=DEFAULT_TAUS))
-
-
 @dataclasses.dataclass(frozen=True)
 class DriftConfig:
-    """The experiment; ``sweep`` supplies data, model, pretraining, HP, FT, seeds.
+    """``hpft drift``; ``sweep`` supplies data, model, pretraining, HP, FT, seeds.
 
-    ``sweep.hp.taus``: the HPτ settings (at least one);
-    ``scratch``: also finetune a random backbone; ``probes``: probe samples
-    (N, so N² pairs) drawn once from the downstream training set; ``every``:
-    probe every this many FT steps (None: about :data:`TARGET_PROBES` probe
-    points). ``sweep.ft.patience`` is unused (no early stopping), as are
-    ``shard``, ``vmap`` and ``max_batch_runs``; ``ls_eta`` must be None.
+    ``sweep.hp.taus``: the HPτ settings (at least one); ``sweep.ft.patience``
+    is unused (no early stopping), as are ``shard``, ``vmap`` and
+    ``max_batch_runs``; ``ls_eta`` must be None.
     """
 
-    sweep: config_lib.SweepConfig = dataclasses.field(default_factory=_default_sweep)
-    scratch: bool = True
-    probes: int = 50
-    every: int | None = None
+    sweep: SweepConfig = sweep_field("drift", seeds=(0,), taus=DEFAULT_TAUS, ls_eta=None)
+    scratch: bool = option(True, "skip the random-backbone (training from scratch) setting",
+                           flag="--no-scratch")
+    probes: int = option(50, "probe samples from the downstream training set (N² pairs)")
+    every: int | None = option(
+        None, f"probe every this many FT steps (default None: about {TARGET_PROBES} probe "
+        "points per run); the FT length is --ft-epochs")
 
     def __post_init__(self):
         if isinstance(self.probes, bool) or int(self.probes) != self.probes or self.probes < 1:
@@ -121,18 +125,6 @@ def probe_steps(total_steps: int, every: int) -> list[int]:
     return list(range(0, total_steps, every))
 
 
-def probe_indices(num_train: int, probes: int, seed: int = PROBE_SEED):
-    """Sorted indices of ``probes`` distinct training samples (fixed by ``seed``)."""
-    import numpy as np
-
-    if probes < 1:
-        raise ValueError(f"probes must be >= 1; got {probes}")
-    if probes > num_train:
-        raise ValueError(f"--probes {probes} is larger than the downstream training set "
-                         f"({num_train} examples)")
-    return np.sort(np.random.default_rng(seed).choice(num_train, probes, replace=False))
-
-
 # --------------------------------------------------------------------------
 # Programs
 
@@ -156,12 +148,10 @@ class _AOT:
 class Programs(NamedTuple):
     """The compiled pieces of one experiment (shared by all its settings).
 
-    * ``run(state, x, y, order, key, start, stop) -> (state, metrics)``: FT
-      steps [start, stop) in a ``fori_loop`` (step s trains on batch
-      ``order[s]``), and the last step's minibatch ``loss``/``acc``/...;
-      state donated. One program serves stretches and single probe steps.
-    * ``order(key) -> (total_steps, B)``: every step's batch indices, epoch by
-      epoch as :func:`hpft_jax.steps.make_epoch` draws them.
+    * ``ft``: :func:`hpft_jax.ft.make_ft_steps`, the sweep's FT taken step
+      by step without early stopping; ``run(state, x, y, key, start, stop) ->
+      (state, metrics of the last step)``, state donated. One program serves
+      stretches and single probe steps.
     * ``factors(bb_params, bb_stats)``: the backbone's eNTK factors on the
       probe samples, eval mode; ``from_factors(F_t, F_next) -> {k_norm,
       k_norm_next, k_gap}`` (:class:`theory.ntk.NTKDrift`).
@@ -169,14 +159,23 @@ class Programs(NamedTuple):
       val_acc, test_acc}``: eval mode, unaugmented (NaN for an empty split).
     """
 
+    ft: ft.FTSteps
     run: _AOT
-    order: Callable
     factors: _AOT
     from_factors: _AOT
     evaluate: _AOT
-    tx: Any
-    num_batches: int
-    total_steps: int
+
+    @property
+    def tx(self):
+        return self.ft.tx
+
+    @property
+    def num_batches(self) -> int:
+        return self.ft.num_batches
+
+    @property
+    def total_steps(self) -> int:
+        return self.ft.total_steps
 
     def compile_s(self) -> float:
         return sum(p.compile_s for p in (self.run, self.factors, self.from_factors,
@@ -195,39 +194,8 @@ def make_programs(model, ft_cfg, *, num_classes: int, num_train: int, x_probe, m
     x_probe: (N, ...) probe inputs. A run is ``ft_cfg.epochs`` epochs, which
     is also the cosine schedule's horizon (as in the sweep).
     """
-    import jax
-    import jax.numpy as jnp
-
-    from hpft_jax import energy, steps
-    from hpft_jax.losses import accuracy, cross_entropy
-    from theory.ntk import make_drift_fn
-
-    epochs = ft_cfg.epochs
-    nb = steps.num_batches(num_train, ft_cfg.batch_size)
-    if nb < 1:
-        raise ValueError(f"FT batch {ft_cfg.batch_size} is larger than the {num_train} "
-                         "training examples")
-    total = epochs * nb
-    tx = steps.ft_optimizer(ft_cfg, total)
-    train_step = steps.make_train_step(model, tx, num_classes=num_classes, eta=ft_cfg.eta,
-                                       mesh=mesh, augment=augment)
-
-    def step_at(state, x, y, order, key, s):
-        ix = order[s]
-        return train_step(state, x[ix], y[ix], steps.step_key(key, s // nb, s % nb))
-
-    def run(state, x, y, order, key, start, stop):
-        m0 = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
-            step_at, state, x, y, order, key, start)[1])
-        return jax.lax.fori_loop(start, stop, lambda s, c: step_at(c[0], x, y, order, key, s),
-                                 (state, m0))
-
-    @jax.jit
-    def order(key):
-        idx = jax.vmap(lambda e: steps.epoch_indices(key, e, num_train, ft_cfg.batch_size))(
-            jnp.arange(epochs))
-        return idx.reshape(total, ft_cfg.batch_size)
-
+    ft_steps = ft.make_ft_steps(model, ft_cfg, num_classes=num_classes, num_train=num_train,
+                                mesh=mesh, augment=augment)
     x_probe = jnp.asarray(x_probe)
 
     def backbone_fn(bb_stats):
@@ -252,8 +220,8 @@ def make_programs(model, ft_cfg, *, num_classes: int, num_train: int, x_probe, m
                                    if xs.shape[0] else jnp.float32(jnp.nan))
         return out
 
-    return Programs(_AOT(jax.jit(run, donate_argnums=0)), order, _AOT(factors, x_probe),
-                    _AOT(from_factors), _AOT(jax.jit(evaluate)), tx, nb, total)
+    return Programs(ft_steps, _AOT(ft_steps.run), _AOT(factors, x_probe), _AOT(from_factors),
+                    _AOT(jax.jit(evaluate)))
 
 
 # --------------------------------------------------------------------------
@@ -266,7 +234,7 @@ def drift_run(progs: Programs, params: Tree, batch_stats: Tree, data: dict, key,
     """Finetune from ``(params, batch_stats)`` for ``progs.total_steps`` steps, probing.
 
     ``data``: on-device ``train_x, train_y, val_x, val_y, test_x, test_y``;
-    ``key``: the FT data-order key (``hp.seed_key(seed, hp.FT_DATA)``).
+    ``key``: the FT data-order key (``rng.seed_key(seed, FT_DATA)``).
     At t = 0, every, 2·every, ...: eval-mode metrics at θ_t, then FT step t,
     then the drift between θ_t and θ_{t+1}. ``on_probe(t, state_t,
     state_next)`` (host copies) is for tests.
@@ -281,19 +249,11 @@ def drift_run(progs: Programs, params: Tree, batch_stats: Tree, data: dict, key,
     ``probe_over_step`` = one probe in FT steps, ``probe_frac`` = probing's
     share of ``wall_s``).
     """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from hpft_jax import errors, parallel, steps
-    from hpft_jax.progress import bar
-
     t_start = time.perf_counter()
     compile0 = progs.compile_s()
     total = progs.total_steps
     at = probe_steps(total, every)
     x, y = data["train_x"], data["train_y"]
-    order = progs.order(key)
     state = parallel.put_replicated(steps.init_state(params, batch_stats, progs.tx), mesh)
     i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
 
@@ -313,7 +273,7 @@ def drift_run(progs: Programs, params: Tree, batch_stats: Tree, data: dict, key,
     pb = bar(total, desc, enabled=progress, unit="step")
     for t in at:
         if t > cur:
-            state, _ = clock("train", lambda: progs.run(state, x, y, order, key, i32(cur), i32(t)))
+            state, _ = clock("train", lambda: progs.run(state, x, y, key, i32(cur), i32(t)))
             pb.update(t - cur)
             cur = t
         ev = jax.device_get(clock("eval", lambda: progs.evaluate(state.params, state.batch_stats,
@@ -324,7 +284,7 @@ def drift_run(progs: Programs, params: Tree, batch_stats: Tree, data: dict, key,
         before = jax.device_get(state) if on_probe is not None else None
         f_t = cached[1] if cached is not None and cached[0] == t else clock(
             "factors", lambda: progs.factors(*backbone_of(state.params, state.batch_stats)))
-        state, m = clock("train", lambda: progs.run(state, x, y, order, key, i32(t), i32(t + 1)))
+        state, m = clock("train", lambda: progs.run(state, x, y, key, i32(t), i32(t + 1)))
         m = jax.device_get(m)
         cur = t + 1
         pb.update(1)
@@ -344,8 +304,7 @@ def drift_run(progs: Programs, params: Tree, batch_stats: Tree, data: dict, key,
             out[name].append(v)
         pb.set_postfix(k_gap=f"{kg:.3g}", acc=f"{float(ev['train_acc']):.3f}")
     if cur < total:
-        state, _ = clock("train", lambda: progs.run(state, x, y, order, key, i32(cur),
-                                                    i32(total)))
+        state, _ = clock("train", lambda: progs.run(state, x, y, key, i32(cur), i32(total)))
         pb.update(total - cur)
     pb.close()
 
@@ -369,77 +328,49 @@ def drift_run(progs: Programs, params: Tree, batch_stats: Tree, data: dict, key,
 # The experiment
 
 
-def scratch_init(model, x_example, seed: int) -> tuple[Tree, Tree]:
-    """(params, batch_stats) of the scratch setting: the whole model that
-    :func:`hpft_jax.hp.init_heads` draws ``seed``'s τ = 0 head from, so the
-    head is the sweep's τ = 0 head and the backbone is random."""
-    import jax
-
-    from hpft_jax import hp
-
-    fresh = jax.jit(lambda k: model.init(k, x_example, train=False))(
-        hp.seed_key(seed, hp.HEAD_INIT))
-    return fresh["params"], fresh.get("batch_stats", {}) or {}
+def check(cfg: DriftConfig, loaded: prepare.Loaded) -> None:
+    """The probe count must fit the downstream training set."""
+    probe_indices(loaded.num_train, cfg.probes, seed=PROBE_SEED, what="--probes")
 
 
-def run_drift(cfg: DriftConfig, *, progress: bool = True, on_probe: Callable | None = None):
-    """Run (or continue) the experiment; returns its :class:`~hpft_jax.runlog.RunDir`.
+def run(cfg: DriftConfig, run: RunDir, loaded: prepare.Loaded, *, progress: bool = True,
+        on_probe: Callable | None = None) -> None:
+    """Run (or continue) the experiment into ``run``.
 
     Settings already logged (event ``drift``, by setting and seed) are skipped.
     ``on_probe(setting, seed, t, state_t, state_next)`` is for tests.
     """
-    import jax.numpy as jnp
-
-    from hpft_jax import data as data_lib, hp, parallel
-    from hpft_jax.models import make_classifier
-    from hpft_jax.runlog import RunDir
-    from hpft_jax.sweep import RunKey, base_variables, ft_inits, pretrained_for, run_hp, split_arrays
-
     sw = cfg.sweep
-    run = RunDir(os.path.join(sw.runs_dir, sw.name))
     done = {(r["setting"], r["seed"]) for r in run.records("drift")}
     todo = [(s, seed) for s in settings(cfg) for seed in sw.seeds if (s.name, seed) not in done]
-    if not todo and os.path.exists(run.config_file):
-        run.write_config(cfg)  # raises if the logged run had another config
-        return run
-    ds = data_lib.load_downstream(sw.data)
-    n = ds.train.x.shape[0]
-    data_lib.check_batch_size(n, sw.ft.batch_size, what="the downstream training set (FT)")
-    idx = probe_indices(n, cfg.probes)
-    run.write_config(cfg)
-    mesh = parallel.data_mesh()
-    parallel.check_divisible(sw.ft.batch_size, mesh, what="FT")
-    k = ds.num_classes
-    model = make_classifier(sw.model, k)
-    x2 = jnp.asarray(ds.train.x[:2])
-    seeds = list(sw.seeds)
-    probe = None
-    if any(s.tau is not None for s, _ in todo):
-        pre_vars = pretrained_for(sw, run, mesh=mesh, progress=progress)
-        base, _ = base_variables(model, pre_vars, sw.model.reinit_blocks, x2)
-        probe = run_hp(sw, run, model, base, ds, mesh=mesh, progress=progress)
-
-    progs = make_programs(model, sw.ft, num_classes=k, num_train=n, x_probe=ds.train.x[idx],
-                          mesh=mesh, augment=sw.data.augment)
+    if not todo:
+        return
+    ds, model = loaded.ds, loaded.model
+    idx = probe_indices(loaded.num_train, cfg.probes, seed=PROBE_SEED, what="--probes")
+    prep = prepare.prepare(sw, run, loaded=loaded, progress=progress,
+                           with_hp=any(s.tau is not None for s, _ in todo))
+    parallel.check_divisible(sw.ft.batch_size, prep.mesh, what="FT")
+    progs = make_programs(model, sw.ft, num_classes=loaded.num_classes,
+                          num_train=loaded.num_train, x_probe=ds.train.x[idx], mesh=prep.mesh,
+                          augment=sw.data.augment)
     every = resolve_every(cfg.every, progs.total_steps)
-    dev = parallel.put_replicated({kk: jnp.asarray(v) for kk, v in split_arrays(ds).items()},
-                                  mesh)
+    dev = parallel.put_replicated({k: jnp.asarray(v) for k, v in prep.arrays().items()},
+                                  prep.mesh)
     for s, seed in todo:
         if s.tau is None:
-            params, stats = scratch_init(model, x2, seed)
+            params, stats = prepare.scratch_init(model, loaded.x_example(), seed)
         else:
-            ((params, stats),) = ft_inits(probe, [RunKey("hp", seed, s.tau)], seeds)
+            params, stats = prep.init(prepare.RunKey("hp", seed, s.tau))
         hook = None if on_probe is None else (
             lambda t, a, b, _s=s.name, _seed=seed: on_probe(_s, _seed, t, a, b))
-        res = drift_run(progs, params, stats, dev, hp.seed_key(seed, hp.FT_DATA), every=every,
-                        mesh=mesh, on_probe=hook, progress=progress,
+        res = drift_run(progs, params, stats, dev, seed_key(seed, FT_DATA), every=every,
+                        mesh=prep.mesh, on_probe=hook, progress=progress,
                         desc=f"drift {s.name} seed={seed}")
         res.pop("final_state")
         run.log("drift", setting=s.name, label=s.label, tau=s.tau, seed=seed,
                 epochs=sw.ft.epochs, total_steps=progs.total_steps,
                 steps_per_epoch=progs.num_batches, every=every, probes=cfg.probes,
                 probe_idx=idx, **res)
-    return run
 
 
 # --------------------------------------------------------------------------
@@ -455,8 +386,6 @@ def records(run) -> list[dict]:
 
 
 def _mean(xs) -> float:
-    import numpy as np
-
     a = np.asarray([v for v in xs if v is not None], dtype=float)
     return float(a.mean()) if a.size else math.nan
 
@@ -465,30 +394,27 @@ def table(recs: list[dict]) -> str:
     """Markdown: one row per setting and seed."""
     head = ["setting", "seed", "AIE at t=0", "k_norm t=0", "k_norm end", "mean k_gap",
             "k_gap/k_norm t=0", "mean k_gap/k_norm", "train acc end", "val acc end"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in recs:
-        lines.append("| " + " | ".join([
-            r["label"], str(r["seed"]), f"{r['aie'][0]:.3f}", f"{r['k_norm'][0]:.4g}",
-            f"{r['k_norm_next'][-1]:.4g}", f"{_mean(r['k_gap']):.3g}", f"{r['rel_gap'][0]:.3g}",
-            f"{_mean(r['rel_gap']):.3g}", f"{100 * r['final']['train_acc']:.1f}%",
-            f"{100 * r['final']['val_acc']:.1f}%"]) + " |")
-    return "\n".join(lines)
+    return md_table(head, ([
+        r["label"], r["seed"], f"{r['aie'][0]:.3f}", f"{r['k_norm'][0]:.4g}",
+        f"{r['k_norm_next'][-1]:.4g}", f"{_mean(r['k_gap']):.3g}", f"{r['rel_gap'][0]:.3g}",
+        f"{_mean(r['rel_gap']):.3g}", f"{100 * r['final']['train_acc']:.1f}%",
+        f"{100 * r['final']['val_acc']:.1f}%"] for r in recs))
 
 
 def timing_table(recs: list[dict]) -> str:
     head = ["setting", "seed", "FT steps", "probes", "FT step (ms)", "probe (s)",
             "of which factors (s)", "probe / FT step", "probing share of wall", "wall (s)",
             "compile (s)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in recs:
+
+    def row(r):
         tm = r["timing"]
-        lines.append("| " + " | ".join([
-            r["label"], str(r["seed"]), str(r["total_steps"]), str(tm["probe_calls"]),
-            f"{1e3 * tm['step_s']:.2f}", f"{tm['probe_s_each']:.3f}",
-            f"{tm.get('factors_s', math.nan) / tm['probe_calls']:.3f}",
-            f"{tm['probe_over_step']:.0f}x", f"{100 * tm['probe_frac']:.0f}%",
-            f"{tm['wall_s']:.1f}", f"{tm['compile_s']:.1f}"]) + " |")
-    return "\n".join(lines)
+        return [r["label"], r["seed"], r["total_steps"], tm["probe_calls"],
+                f"{1e3 * tm['step_s']:.2f}", f"{tm['probe_s_each']:.3f}",
+                f"{tm.get('factors_s', math.nan) / tm['probe_calls']:.3f}",
+                f"{tm['probe_over_step']:.0f}x", f"{100 * tm['probe_frac']:.0f}%",
+                f"{tm['wall_s']:.1f}", f"{tm['compile_s']:.1f}"]
+
+    return md_table(head, (row(r) for r in recs))
 
 
 def timing_summary(recs: list[dict]) -> str:
@@ -507,15 +433,10 @@ def timing_summary(recs: list[dict]) -> str:
 def figure(run, recs: list[dict]) -> str:
     """``figures/drift.png`` over FT steps: train accuracy, k_norm, k_gap (the
     three panels of Fig. 6) and k_gap / k_norm."""
-    import numpy as np
-
-    from hpft_jax.report import _plt
-
-    plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    fig, axes = plt().subplots(1, 4, figsize=(17, 3.6))
     multi_seed = len({r["seed"] for r in recs}) > 1
     taus = sorted({r["tau"] for r in recs if r["tau"] is not None})
-    cmap = plt.cm.viridis(np.linspace(0.0, 0.85, max(len(taus), 1)))
+    cmap = plt().cm.viridis(np.linspace(0.0, 0.85, max(len(taus), 1)))
     for r in recs:
         color = "k" if r["tau"] is None else cmap[taus.index(r["tau"])]
         ls = "--" if r["tau"] is None else "-"
@@ -538,25 +459,16 @@ def figure(run, recs: list[dict]) -> str:
     n = recs[0]["probes"] if recs else 0
     fig.suptitle(f"Backbone eNTK during FT on {n} probe samples ({n * n:,} pairs); "
                  "t+1 is one SGD step after t (paper Fig. 6)", fontsize=10)
-    fig.tight_layout()
-    path = run.figures("drift.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(run, fig, "drift.png")
 
 
-def report(run_dir: str, *, write_figures: bool = True, out=print) -> str:
-    """Print and write ``drift.md`` (and the figure); returns the text."""
-    from hpft_jax.runlog import RunDir
-
-    run = RunDir(run_dir)
-    if not os.path.isdir(run.path):
-        raise FileNotFoundError(f"no run directory at {run.path}")
+def report(run: RunDir, *, figures: bool = True) -> tuple[list[str], list[str]]:
+    """``drift.md``'s parts and ``figures/drift.png``, from the records alone."""
     recs = records(run)
     if not recs:
         raise ValueError(f"{run.path} has no drift records in metrics*.jsonl yet")
     r0 = recs[0]
-    text = "\n\n".join([
+    parts = [
         f"# eNTK drift during FT: {run.path}",
         (f"{r0['probes']} probe samples ({r0['probes'] ** 2:,} pairs) from the downstream "
          f"training set; {r0['total_steps']} FT steps ({r0['epochs']} epochs x "
@@ -566,65 +478,10 @@ def report(run_dir: str, *, write_figures: bool = True, out=print) -> str:
         "## Cost of the probe",
         timing_table(recs),
         timing_summary(recs),
-    ])
-    if write_figures:
-        text += "\n\nFigure: " + os.path.relpath(figure(run, recs), run.path)
-    with open(os.path.join(run.path, "drift.md"), "w") as f:
-        f.write(text + "\n")
-    out(text)
-    return text
+    ]
+    return parts, [figure(run, recs)] if figures else []
 
 
-# --------------------------------------------------------------------------
-# Command line
-
-
-def config_from_args(args: argparse.Namespace) -> DriftConfig:
-    from hpft_jax import cli
-
-    sw = cli.config_from_args(args)
-    taus = args.taus if args.taus is not None else (
-        sw.hp.taus if hasattr(args, "tau") else DEFAULT_TAUS)
-    sw = dataclasses.replace(
-        sw, name=getattr(args, "name", None) or "drift",
-        seeds=sw.seeds if hasattr(args, "seeds") else (0,),
-        ls_eta=sw.ls_eta if hasattr(args, "ls_eta") else None)
-    if not taus:
-        raise ValueError("--taus needs at least one τ, e.g. 0,16,1024")
-    sw = dataclasses.replace(sw, hp=dataclasses.replace(sw.hp, taus=tuple(taus)))
-    return DriftConfig(sweep=sw, scratch=not args.no_scratch, probes=args.probes,
-                       every=args.every)
-
-
-def _cmd(args: argparse.Namespace) -> None:
-    cfg = config_from_args(args)
-    path = os.path.join(cfg.sweep.runs_dir, cfg.sweep.name)
-    t0 = time.perf_counter()
-    if not args.report_only:
-        path = run_drift(cfg, progress=not args.quiet).path
-    report(path, write_figures=not args.no_figures)
-    if not args.report_only:
-        print(f"\nwall time of this command: {time.perf_counter() - t0:.1f} s")
-
-
-def add_parser(subparsers) -> None:
-    from hpft_jax import cli
-
-    p = subparsers.add_parser(
-        "drift", help="eNTK drift (k_norm, k_gap) during FT: scratch vs pretrained + HPτ "
-        "(App. A, Fig. 6)", description=__doc__.split("\n\n")[0])
-    cli.add_config_flags(p)
-    p.add_argument("--taus", type=cli._ints, default=None,
-                   help="HPτ settings, e.g. 0,16,1024 (default; overrides --tau)")
-    p.add_argument("--no-scratch", action="store_true",
-                   help="skip the random-backbone (training from scratch) setting")
-    p.add_argument("--probes", type=int, default=50,
-                   help="probe samples from the downstream training set (N² pairs)")
-    p.add_argument("--every", type=int, default=None,
-                   help=f"probe every this many FT steps (default: about {TARGET_PROBES} "
-                        "probe points per run); the FT length is --ft-epochs")
-    p.add_argument("--report-only", action="store_true",
-                   help="rebuild drift.md and the figure from metrics.jsonl")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--no-figures", action="store_true")
-    p.set_defaults(fn=_cmd)
+EXPERIMENT = Experiment("drift", DriftConfig, run, report, check=check, doc=__doc__,
+                        help="eNTK drift (k_norm, k_gap) during FT: scratch vs pretrained + HPτ "
+                             "(App. A, Fig. 6)")

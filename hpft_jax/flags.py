@@ -1,0 +1,264 @@
+"""Command-line flags shared by every ``hpft`` job: argparse only, no JAX.
+
+* :data:`FLAGS`: one flag per field of :class:`hpft_jax.config.SweepConfig`
+  and its sections; :func:`add_config_flags` adds them with the defaults a
+  job starts from shown in ``--help``, and :func:`sweep_config` fills the
+  dataclasses (defaults <- ``--config`` file <- flags).
+* :func:`option`: declares an experiment's own setting as a dataclass field
+  with its flag and help; :func:`add_options` / :func:`options_from_args`
+  turn such fields into flags and back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, Callable
+
+from hpft_jax import config as C
+
+
+# --------------------------------------------------------------------------
+# Value parsers
+
+
+def ints(s: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)``."""
+    try:
+        return tuple(int(v) for v in s.split(",") if v.strip() != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def floats(s: str) -> tuple[float, ...]:
+    """``"1e-1,1e-2"`` -> ``(0.1, 0.01)``."""
+    try:
+        return tuple(float(v) for v in s.split(",") if v.strip() != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def names(s: str) -> tuple[str, ...]:
+    """``"a, b"`` -> ``("a", "b")``."""
+    return tuple(v.strip() for v in s.split(",") if v.strip())
+
+
+def shard(s: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in s.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/n, e.g. 0/4; got {s!r}") from None
+    return i, n
+
+
+def opt_float(s: str) -> float | None:
+    return None if s.lower() in ("none", "off", "") else float(s)
+
+
+def opt_int_or_all(s: str) -> int | None:
+    """An integer, or ``all`` (None)."""
+    if s.lower() == "all":
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'all'; got {s!r}") from None
+
+
+def float_pair(s: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected lo,hi; got {s!r}") from None
+    return a, b
+
+
+# --------------------------------------------------------------------------
+# The sweep configuration
+
+# flag -> (section, field, type, help). Section None = SweepConfig itself.
+FLAGS: dict[str, tuple[str | None, str, Callable[[str], Any], str]] = {
+    "--name": (None, "name", str, "run name: results go to RUNS_DIR/NAME"),
+    "--runs-dir": (None, "runs_dir", str, "where runs (and the pretrained cache) live"),
+    "--seeds": (None, "seeds", ints, "comma-separated seeds (HP head init and data order)"),
+    "--ls-eta": (None, "ls_eta", opt_float, "η_HP of the extra lsHP run at the largest τ, or 'none'"),
+    "--shard": (None, "shard", shard, "run slice i of n of the FT runs (job arrays)"),
+    "--max-batch-runs": (None, "max_batch_runs", int,
+                         "at most this many FT runs per vmapped program (memory)"),
+    "--source": ("data", "source", str, "pretraining data: digits | mnist | cifar10 | idx:DIR | npz:FILE ..."),
+    "--downstream": ("data", "downstream", str, "downstream data, e.g. digits:0,1,2 or stl10"),
+    "--data-dir": ("data", "data_dir", str, "tfds data_dir"),
+    "--max-rotation": ("data", "max_rotation", float, "downstream distortion: max rotation (deg)"),
+    "--zoom": ("data", "zoom", float_pair, "downstream distortion: zoom range lo,hi"),
+    "--per-class": ("data", "per_class", int, "cap downstream examples per class"),
+    "--image-size": ("data", "image_size", int, "resize images to this size"),
+    "--augment": ("data", "augment", str, "none | flip_crop"),
+    "--data-seed": ("data", "seed", int, "seed of splits and distortion"),
+    "--backbone": ("model", "backbone", str, "mlp | resnet18 | resnet34 | resnet50 | resnet_tiny"),
+    "--width": ("model", "width", int, "MLP width or ResNet base width (None: 128 / 64)"),
+    "--depth": ("model", "depth", int, "MLP backbone depth"),
+    "--stem": ("model", "stem", str, "ResNet stem: cifar | imagenet"),
+    "--head": ("model", "head", str, "linear | mlp"),
+    "--head-hidden": ("model", "head_hidden", int, "MLP head width"),
+    "--reinit-blocks": ("model", "reinit_blocks", int, "partial backbone: re-initialise the last k blocks"),
+    "--dtype": ("model", "dtype", str, "compute dtype (float32 | bfloat16)"),
+    "--pretrain-epochs": ("pretrain", "epochs", int, "pretraining epochs"),
+    "--pretrain-lr": ("pretrain", "lr", float, "pretraining learning rate"),
+    "--tau": ("hp", "taus", ints, "HP epochs to snapshot, e.g. 0,1,2,4,8 (also --taus)"),
+    "--hp-lr": ("hp", "lr", float, "HP learning rate (constant SGD)"),
+    "--eta-hp": ("hp", "eta", float, "HP label smoothing: target η·e_y + (1−η)·u"),
+    "--ft-epochs": ("ft", "epochs", int, "maximum FT epochs"),
+    "--ft-lr": ("ft", "lr", float, "FT peak learning rate (cosine)"),
+    "--weight-decay": ("ft", "weight_decay", float, "FT weight decay"),
+    "--eta-ft": ("ft", "eta", float, "FT label smoothing η_FT"),
+    "--patience": ("ft", "patience", int, "early-stopping patience (epochs)"),
+}
+ALIASES = {"--tau": ("--taus",)}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) if value else "()"
+    return str(value)
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def add_config_flags(p: argparse.ArgumentParser, defaults: C.SweepConfig | None = None) -> None:
+    """Every :data:`FLAGS` flag, ``--help`` showing ``defaults``' values."""
+    defaults = C.SweepConfig() if defaults is None else defaults
+    g = p.add_argument_group("configuration (hpft_jax/config.py; a flag left out keeps "
+                             "the default shown)")
+    for flag, (section, field, tp, hlp) in FLAGS.items():
+        value = getattr(defaults if section is None else getattr(defaults, section), field)
+        # SUPPRESS: an absent flag leaves no attribute, so "--ls-eta none"
+        # (a real None) is not mistaken for "flag not given".
+        g.add_argument(flag, *ALIASES.get(flag, ()), dest=_dest(flag), type=tp,
+                       default=argparse.SUPPRESS, help=f"{hlp} (default: {_show(value)})")
+    bs = defaults.ft.batch_size
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"batch size of pretraining, HP and FT (default: {bs})")
+    g.add_argument("--no-distort", action="store_true",
+                   help="no downstream rotation/zoom" + (
+                       "" if defaults.data.distort else " (default: already off)"))
+    g.add_argument("--download", action="store_true",
+                   help="let tensorflow-datasets download (needs internet and tensorflow)")
+    g.add_argument("--sequential", action="store_true",
+                   help="finetune runs one at a time instead of vmap-batched")
+    g.add_argument("--config", default=None,
+                   help="start from this config.json (flags override it)")
+
+
+def read_config_file(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def sweep_config(args: argparse.Namespace, base: C.SweepConfig | None = None) -> C.SweepConfig:
+    """Fill the dataclasses: ``base`` <- ``--config`` file <- flags."""
+    base = C.SweepConfig() if base is None else base
+    if getattr(args, "config", None):
+        data = read_config_file(args.config)
+        base = C.from_dict(C.SweepConfig, data.get("sweep", data))
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {s: {} for s in ("data", "model", "pretrain", "hp", "ft")}
+    for flag, (section, field, _, _) in FLAGS.items():
+        dest = _dest(flag)
+        if hasattr(args, dest):
+            (top if section is None else sections[section])[field] = getattr(args, dest)
+    if args.batch_size is not None:
+        for s in ("pretrain", "hp", "ft"):
+            sections[s]["batch_size"] = args.batch_size
+    if args.no_distort:
+        sections["data"]["distort"] = False
+    if args.download:
+        sections["data"]["download"] = True
+    if args.sequential:
+        top["vmap"] = False
+    for s, fields in sections.items():
+        if fields:
+            top[s] = dataclasses.replace(getattr(base, s), **fields)
+    return dataclasses.replace(base, **top)
+
+
+def add_output_flags(p: argparse.ArgumentParser, *, report_only: bool = True) -> None:
+    """``--quiet``, ``--no-figures`` and (for experiments) ``--report-only``."""
+    g = p.add_argument_group("output")
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+    g.add_argument("--no-figures", action="store_true", help="write no figures")
+    if report_only:
+        g.add_argument("--report-only", action="store_true",
+                       help="rebuild the report and figures from metrics.jsonl, without training")
+
+
+# --------------------------------------------------------------------------
+# An experiment's own settings
+
+
+def option(default: Any, help: str, *, flag: str | None = None,  # noqa: A002
+           parse: Callable[[str], Any] | None = None) -> Any:
+    """A dataclass field that is also a command-line flag.
+
+    ``flag`` defaults to ``--field-name``; a bool field becomes a switch
+    (``--name`` when the default is False, ``--no-name`` when True).
+    ``parse`` turns the flag's text into the value (default: from the type).
+    """
+    return dataclasses.field(default=default,
+                             metadata={"help": help, "flag": flag, "parse": parse})
+
+
+def _parser_for(tp: Any) -> Callable[[str], Any]:
+    """The text -> value parser of a field type: int, float, str, their
+    tuples and ``X | None``."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return _parser_for(next(a for a in args if a is not type(None)))
+    if typing.get_origin(tp) is tuple and args[0] in (int, float, str):
+        return {int: ints, float: floats, str: names}[args[0]]
+    if tp in (int, float, str):
+        return tp
+    raise TypeError(f"no flag parser for a field of type {tp}; pass option(parse=...)")
+
+
+def option_fields(cls) -> list[dataclasses.Field]:
+    """The :func:`option` fields of an experiment's config class."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def add_options(p: argparse.ArgumentParser, cls, title: str) -> None:
+    """One flag per :func:`option` field of ``cls``, with its default shown."""
+    hints = typing.get_type_hints(cls)
+    g = p.add_argument_group(title)
+    for f in option_fields(cls):
+        flag = f.metadata["flag"]
+        if hints[f.name] is bool:
+            flag = flag or (f"--no-{f.name}" if f.default else f"--{f.name}").replace("_", "-")
+            g.add_argument(flag, dest=f.name, action="store_const", const=not f.default,
+                           default=argparse.SUPPRESS, help=f.metadata["help"])
+            continue
+        flag = flag or "--" + f.name.replace("_", "-")
+        parse = f.metadata["parse"] or _parser_for(hints[f.name])
+        g.add_argument(flag, dest=f.name, type=parse, default=argparse.SUPPRESS,
+                       help=f"{f.metadata['help']} (default: {_show(f.default)})")
+
+
+def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
+    """``{field: value}`` of the :func:`option` flags given on the command line."""
+    return {f.name: getattr(args, f.name) for f in option_fields(cls) if hasattr(args, f.name)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """An ``hpft`` subcommand: ``add_arguments(parser)`` then ``run(args)``.
+
+    :class:`hpft_jax.experiment.Experiment` has the same three members.
+    """
+
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
