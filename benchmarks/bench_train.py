@@ -372,19 +372,21 @@ def hp_case(kind: str, name: str, args) -> dict:
     state0 = steps.HPState(head_p, head_s, tx.init(head_p), jnp.zeros((), jnp.int32))
     cstep = jax.jit(step).lower(state0, inputs[:BATCH], y[:BATCH], key, frozen, eta).compile()
     res["flops_per_step"] = _flops(cstep)
-    epoch_fn = steps.make_epoch(step, batch_size=BATCH, num_examples=HP_N)
+    nb = HP_N // BATCH
     if kind == "backprop":
-        # make_hp_run drops per-step metrics, and XLA would then drop the
-        # backbone gradients too; carry their norm out of the loop so that
+        # HP's step range discards per-step metrics, and XLA would then drop
+        # the backbone gradients too; sum their norm out of the loop so that
         # they are computed.
-        def run_fn(state, hs, ys, key, start, stop, *consts):
-            def body(e, carry):
-                s, acc = carry
-                s, m = epoch_fn(s, hs, ys, key, e, *consts)
-                return s, acc + m["grad_norm"].sum()
-            return jax.lax.fori_loop(start, stop, body, (state, jnp.float32(0.0)))
+        reduce = steps.Reduce(lambda shapes, start: jnp.float32(0.0),
+                              lambda acc, s, m: acc + m["grad_norm"])
     else:
-        run_fn = steps.make_hp_run(epoch_fn)
+        reduce = steps.discard()  # as hpft_jax.hp runs it
+    step_range = steps.make_step_range(step, batch_size=BATCH, num_examples=HP_N, reduce=reduce)
+
+    def run_fn(state, hs, ys, key, start, stop, *consts):
+        state, acc = step_range(state, hs, ys, key, start * nb, stop * nb, *consts)
+        return (state, acc) if kind == "backprop" else state
+
     run = jax.jit(run_fn)
     out, t = _timed(lambda: run(state0, inputs, y, key, 0, epochs, frozen, eta), args.hp_reps)
     if kind == "backprop":

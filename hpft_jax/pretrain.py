@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpft_jax import checkpoint, config as config_lib, errors, parallel, steps
+from hpft_jax import checkpoint, config as config_lib, data as data_lib, errors, parallel, steps
 from hpft_jax.losses import accuracy
 from hpft_jax.models import make_classifier
 from hpft_jax.progress import bar
@@ -51,8 +51,6 @@ def train(data_cfg, model_cfg, pre_cfg, source, *, mesh=None, progress: bool = T
     ``source``: a :class:`hpft_jax.data.Dataset`. Adam (or SGD) with a cosine
     schedule, cross-entropy, BatchNorm in train mode.
     """
-    from hpft_jax import data as data_lib
-
     mesh = parallel.data_mesh() if mesh is None else mesh
     model = make_classifier(source_model_config(model_cfg), source.num_classes)
     n = source.train.x.shape[0]
@@ -100,8 +98,6 @@ def get_or_train(data_cfg, model_cfg, pre_cfg, runs_dir: str, *, mesh=None,
         tree, meta = checkpoint.load_tree(path)
         reused = True
     else:
-        from hpft_jax import data as data_lib
-
         source = data_lib.load_source(data_cfg)
         tree, metrics = train(data_cfg, model_cfg, pre_cfg, source, mesh=mesh, progress=progress)
         meta = {"data": config_lib.to_dict(data_cfg),

@@ -4,9 +4,11 @@ Everything here is a function of arrays and returns new arrays; the drivers
 (:mod:`hpft_jax.pretrain`, :mod:`hpft_jax.hp`, :mod:`hpft_jax.ft`) own the
 loops, checkpoints and logging.
 
-* An *epoch* is one ``lax.scan`` over the minibatches of a permutation drawn
-  from ``fold_in(key, epoch)``; data stay on device and every batch is
-  gathered by index, so no host round-trip happens inside an epoch.
+* :func:`make_step_range` is the one training loop: steps [start, stop) in a
+  ``fori_loop``, step ``s`` on batch ``s % nb`` of the permutation drawn from
+  ``fold_in(key, s // nb)``; data stay on device and every batch is gathered
+  by index, so no host round-trip happens inside a range. An epoch
+  (:func:`make_epoch`) is the range of its steps.
 * Head probing differentiates only the head (``jax.value_and_grad`` w.r.t. the
   head's parameters), on features the frozen trunk produced once in eval mode.
   No backward pass runs through the backbone, and its BatchNorm statistics
@@ -24,8 +26,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
-from hpft_jax import parallel, rng
+from hpft_jax import augment, parallel, rng
 from hpft_jax.losses import accuracy, cross_entropy, smooth_targets
 from hpft_jax.params import merge, partition
 
@@ -93,8 +96,6 @@ def epoch_indices(key: jax.Array, epoch: jax.Array, num_examples: int,
 def _augment_fn(kind: str) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
     if kind == "none":
         return None
-    from hpft_jax import augment  # noqa: PLC0415  (keeps imports light)
-
     if kind == "flip_crop":
         return lambda x, k: augment.flip_crop(x, k)
     raise ValueError(f"unknown augmentation {kind!r}")
@@ -338,7 +339,5 @@ def make_hp_step(model, tx, *, num_classes: int, split: int, mesh=None,
 
 
 def _in_tree(tree: Tree) -> Callable[[tuple], bool]:
-    from flax import traverse_util
-
     keys = set(traverse_util.flatten_dict(tree))
     return lambda path: path in keys
