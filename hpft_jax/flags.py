@@ -46,12 +46,19 @@ def names(s: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in s.split(",") if v.strip())
 
 
-def shard(s: str) -> tuple[int, int]:
+def _pair(s: str, sep: str, conv: Callable[[str], Any], expected: str) -> tuple[Any, Any]:
+    parts = s.split(sep)
     try:
-        i, n = (int(v) for v in s.split("/"))
+        if len(parts) != 2:
+            raise ValueError
+        return conv(parts[0]), conv(parts[1])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected i/n, e.g. 0/4; got {s!r}") from None
-    return i, n
+        raise argparse.ArgumentTypeError(f"expected {expected}; got {s!r}") from None
+
+
+def shard(s: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)``."""
+    return _pair(s, "/", int, "i/n, e.g. 0/4")
 
 
 def opt_float(s: str) -> float | None:
@@ -69,11 +76,8 @@ def opt_int_or_all(s: str) -> int | None:
 
 
 def float_pair(s: str) -> tuple[float, float]:
-    try:
-        a, b = (float(v) for v in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected lo,hi; got {s!r}") from None
-    return a, b
+    """``"lo,hi"`` -> ``(lo, hi)``."""
+    return _pair(s, ",", float, "lo,hi")
 
 
 # --------------------------------------------------------------------------
