@@ -70,6 +70,10 @@ def _read_torch(path: str) -> Any:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only load failed" in str(e).lower():
+            first = ("it holds Python objects besides tensors, which are not unpickled "
+                     "here; if you trust the file, convert it to .safetensors "
+                     "(docs/weights.md)")
         raise StateDictError(f"{path} is not a readable PyTorch checkpoint: {first}") from None
 
     def conv(x):
