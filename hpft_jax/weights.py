@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
