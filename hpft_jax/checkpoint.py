@@ -110,3 +110,31 @@ class EpochCheckpointer:
         self._mgr.close()
         if delete and os.path.exists(self.path):
             shutil.rmtree(self.path)
+
+
+def save_tree_atomic(path: str, tree: Any, meta: dict) -> None:
+    """:func:`save_tree` into a sibling temporary directory, then rename it.
+
+    A crash leaves either the old checkpoint or the new one at ``path``,
+    never a half-written one (at worst a ``.tmp-*`` sibling to delete).
+    """
+    path = os.path.abspath(path.rstrip(os.sep))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    old = f"{path}.old-{os.getpid()}"
+    try:
+        save_tree(tmp, tree, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    moved = os.path.exists(path)
+    if moved:
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if moved:
+            os.rename(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if moved:
+        shutil.rmtree(old)

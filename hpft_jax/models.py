@@ -62,11 +62,33 @@ class MLPBackbone(nn.Module):
 
 
 # --------------------------------------------------------------------------
-# ResNets (He et al. 2016), after flax/examples/imagenet.
+# ResNets (He et al. 2016), laid out as torchvision's.
+#
+# Padding is explicit and equals torchvision's: 3x3 convs pad (1, 1) and 1x1
+# convs pad 0, whatever the stride. ``padding="SAME"`` would pad a stride-2
+# 3x3 conv on an even input by (0, 1), shifting every window by one pixel;
+# pretrained torchvision weights then give different features. The blocks are
+# the same under both stems, so a CIFAR-stem ResNet is a torchvision ResNet
+# with only the stem changed.
+
+_PAD1 = ((1, 1), (1, 1))
+_PAD0 = ((0, 0), (0, 0))
+
+
+def _conv_norm(dtype: Dtype, train: bool):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=0.9, epsilon=1e-5, dtype=dtype)
+    return conv, norm
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs; ResNet18/34."""
+    """Two 3x3 convs, stride on the first; ResNet18/34 (torchvision's BasicBlock).
+
+    Submodules in order: Conv_0, BatchNorm_0, Conv_1, BatchNorm_1 and, when the
+    shape changes, proj_conv (1x1, stride s) and proj_bn (torchvision's
+    ``downsample.0`` / ``downsample.1``).
+    """
 
     filters: int
     strides: int = 1
@@ -74,22 +96,23 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                                 momentum=0.9, epsilon=1e-5, dtype=self.dtype)
-        y = conv(self.filters, (3, 3), (self.strides, self.strides))(x)
+        conv, norm = _conv_norm(self.dtype, train)
+        s = (self.strides, self.strides)
+        y = conv(self.filters, (3, 3), s, padding=_PAD1)(x)
         y = nn.relu(norm()(y))
-        y = conv(self.filters, (3, 3))(y)
+        y = conv(self.filters, (3, 3), padding=_PAD1)(y)
         y = norm()(y)
         if x.shape != y.shape:
-            x = conv(self.filters, (1, 1), (self.strides, self.strides),
-                     name="proj_conv")(x)
+            x = conv(self.filters, (1, 1), s, padding=_PAD0, name="proj_conv")(x)
             x = norm(name="proj_bn")(x)
         return nn.relu(x + y)
 
 
 class BottleneckBlock(nn.Module):
-    """1x1 -> 3x3 -> 1x1 (x4 expansion); ResNet50."""
+    """1x1 -> 3x3 (stride s) -> 1x1 (x4 expansion); ResNet50, torchvision's v1.5.
+
+    Submodules: Conv_0..2, BatchNorm_0..2, and proj_conv / proj_bn.
+    """
 
     filters: int
     strides: int = 1
@@ -97,16 +120,13 @@ class BottleneckBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                                 momentum=0.9, epsilon=1e-5, dtype=self.dtype)
-        y = nn.relu(norm()(conv(self.filters, (1, 1))(x)))
-        y = nn.relu(norm()(conv(self.filters, (3, 3),
-                                (self.strides, self.strides))(y)))
-        y = norm()(conv(self.filters * 4, (1, 1))(y))
+        conv, norm = _conv_norm(self.dtype, train)
+        s = (self.strides, self.strides)
+        y = nn.relu(norm()(conv(self.filters, (1, 1), padding=_PAD0)(x)))
+        y = nn.relu(norm()(conv(self.filters, (3, 3), s, padding=_PAD1)(y)))
+        y = norm()(conv(self.filters * 4, (1, 1), padding=_PAD0)(y))
         if x.shape != y.shape:
-            x = conv(self.filters * 4, (1, 1), (self.strides, self.strides),
-                     name="proj_conv")(x)
+            x = conv(self.filters * 4, (1, 1), s, padding=_PAD0, name="proj_conv")(x)
             x = norm(name="proj_bn")(x)
         return nn.relu(x + y)
 
@@ -122,7 +142,7 @@ class ResNet(nn.Module):
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     block_cls: Callable[..., nn.Module] = BasicBlock
     width: int = 64
-    stem: str = "cifar"  # cifar: 3x3 conv, no max-pool; imagenet: 7x7/2 + pool
+    stem: str = "cifar"  # cifar: 3x3 conv, no max-pool; imagenet: 7x7/2 + 3x3/2 max-pool
     dtype: Dtype = jnp.float32
 
     @property
@@ -154,8 +174,8 @@ class ResNet(nn.Module):
                 raise ValueError(
                     f"ResNet expects images (N, H, W, C); got shape {x.shape}")
             if self.stem == "cifar":
-                h = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype,
-                            name="stem_conv")(h)
+                h = nn.Conv(self.width, (3, 3), padding=_PAD1, use_bias=False,
+                            dtype=self.dtype, name="stem_conv")(h)
             else:
                 h = nn.Conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
                             use_bias=False, dtype=self.dtype, name="stem_conv")(h)
@@ -163,7 +183,8 @@ class ResNet(nn.Module):
                              epsilon=1e-5, dtype=self.dtype, name="stem_bn")(h)
             h = nn.relu(h)
             if self.stem == "imagenet":
-                h = nn.max_pool(h, (3, 3), strides=(2, 2), padding="SAME")
+                # torchvision's MaxPool2d(3, 2, padding=1); pads with -inf.
+                h = nn.max_pool(h, (3, 3), strides=(2, 2), padding=_PAD1)
         layout = self._layout()
         for i in range(start or 0, stop):
             s, _, strides = layout[i]
