@@ -25,6 +25,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("hpft_jax.jobs:SWEEP", "pretrain (cached), HP snapshots, FT from each τ; report"),
     "pretrain": ("hpft_jax.jobs:PRETRAIN", "pretrain the backbone on the source data (cached)"),
     "report": ("hpft_jax.jobs:REPORT", "rebuild a sweep's tables and figures from metrics.jsonl"),
+    "import-weights": ("hpft_jax.commands.import_weights",
+                       "convert a torchvision-format ResNet checkpoint (.pth/.safetensors/.npz) "
+                       "for --init-from"),
+    "features": ("hpft_jax.commands.features",
+                 "backbone features z (N, h) of normalised images (N, H, W, C) from a checkpoint"),
     "exchange": ("hpft_jax.experiments.exchange:EXPERIMENT",
                  "head-exchange matrices between HPτ-FT models (Fig. 3, right)"),
     "tricks": ("hpft_jax.experiments.tricks:EXPERIMENT",

@@ -105,7 +105,14 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
-    """Supervised cross-entropy pretraining on the source data."""
+    """Supervised cross-entropy pretraining on the source data.
+
+    ``init_from``: a backbone checkpoint directory (``hpft import-weights``
+    or a pretraining cache entry) used instead of pretraining; its
+    ``init_sha256`` (of its ``meta.json``, filled in from the directory when
+    the config is built from flags) pins the exact file, so a rerun against
+    a changed checkpoint is refused.
+    """
 
     epochs: int = 60
     lr: float = 1e-3
@@ -113,6 +120,8 @@ class PretrainConfig:
     optimizer: str = "adam"  # adam | sgd (momentum 0.9)
     weight_decay: float = 0.0
     seed: int = 0
+    init_from: str | None = None
+    init_sha256: str | None = None
 
     def __post_init__(self):
         _check_positive("pretrain.lr", self.lr)

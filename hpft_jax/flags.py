@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import os
 import types
 import typing
 from typing import Any, Callable
@@ -111,6 +113,9 @@ FLAGS: dict[str, tuple[str | None, str, Callable[[str], Any], str]] = {
     "--dtype": ("model", "dtype", str, "compute dtype (float32 | bfloat16)"),
     "--pretrain-epochs": ("pretrain", "epochs", int, "pretraining epochs"),
     "--pretrain-lr": ("pretrain", "lr", float, "pretraining learning rate"),
+    "--init-from": ("pretrain", "init_from", str,
+                    "use this backbone checkpoint (hpft import-weights, or a pretraining "
+                    "cache entry) instead of pretraining"),
     "--tau": ("hp", "taus", ints, "HP epochs to snapshot, e.g. 0,1,2,4,8 (also --taus)"),
     "--hp-lr": ("hp", "lr", float, "HP learning rate (constant SGD)"),
     "--eta-hp": ("hp", "eta", float, "HP label smoothing: target η·e_y + (1−η)·u"),
@@ -158,6 +163,15 @@ def add_config_flags(p: argparse.ArgumentParser, defaults: C.SweepConfig | None 
                    help="start from this config.json (flags override it)")
 
 
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_config_file(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
@@ -184,6 +198,12 @@ def sweep_config(args: argparse.Namespace, base: C.SweepConfig | None = None) ->
         sections["data"]["download"] = True
     if args.sequential:
         top["vmap"] = False
+    if "init_from" in sections["pretrain"]:
+        meta = os.path.join(sections["pretrain"]["init_from"], "meta.json")
+        if not os.path.isfile(meta):
+            raise FileNotFoundError(f"--init-from {sections['pretrain']['init_from']}: no "
+                                    "backbone checkpoint there (no meta.json)")
+        sections["pretrain"]["init_sha256"] = file_sha256(meta)  # pins the checkpoint
     for s, fields in sections.items():
         if fields:
             top[s] = dataclasses.replace(getattr(base, s), **fields)

@@ -19,6 +19,8 @@ from, by construction.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import warnings
 from typing import Any, NamedTuple
 
@@ -26,7 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from hpft_jax import checkpoint, config as config_lib, data as data_lib, hp, parallel, pretrain
-from hpft_jax.models import make_classifier
+from hpft_jax import weights
+from hpft_jax.flags import file_sha256
+from hpft_jax.models import make_backbone, make_classifier
 from hpft_jax.params import head_block_names, is_head_path, load_pretrained, merge
 from hpft_jax.rng import HEAD_INIT, seed_key
 from hpft_jax.runlog import RunDir
@@ -119,7 +123,43 @@ def load(cfg: config_lib.SweepConfig) -> Loaded:
     if cfg.model.reinit_blocks > blocks:
         raise ValueError(f"reinit_blocks={cfg.model.reinit_blocks}: the {cfg.model.backbone} "
                          f"backbone has only {blocks} blocks")
+    if cfg.pretrain.init_from is not None:
+        check_init_from(cfg)
     return Loaded(ds, model)
+
+
+def _arch(model_cfg: dict) -> tuple:
+    bb = make_backbone(model_cfg["backbone"], width=model_cfg.get("width"),
+                       depth=model_cfg.get("depth"), stem=model_cfg.get("stem", "cifar"))
+    return (model_cfg["backbone"],) + tuple(getattr(bb, f, None) for f in ("width", "depth",
+                                                                           "stem"))
+
+
+def check_init_from(cfg: config_lib.SweepConfig) -> dict:
+    """The ``meta.json`` of ``cfg.pretrain.init_from``, checked against the
+    config: it exists, is unchanged (``init_sha256``) and holds the
+    configured backbone. Returns the meta."""
+    path = cfg.pretrain.init_from
+    meta_file = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_file):
+        raise FileNotFoundError(f"--init-from {path}: no backbone checkpoint there (no "
+                                "meta.json); make one with `hpft import-weights`")
+    if cfg.pretrain.init_sha256 is not None and file_sha256(meta_file) != cfg.pretrain.init_sha256:
+        raise ValueError(f"--init-from {path} changed since this run's config was written "
+                         "(meta.json's SHA-256 differs); use another --name")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    if "model" not in meta:
+        raise ValueError(f"--init-from {path}: meta.json has no 'model' entry; "
+                         "not a backbone checkpoint")
+    have = _arch(meta["model"])
+    want = _arch(config_lib.to_dict(cfg.model))
+    if have != want:
+        names = ("backbone", "width", "depth", "stem")
+        diff = ", ".join(f"{n} {a} (config: {b})" for n, a, b in zip(names, have, want) if a != b)
+        raise ValueError(f"--init-from {path} holds another backbone: {diff}; "
+                         "set --backbone/--width/--depth/--stem to match")
+    return meta
 
 
 # --------------------------------------------------------------------------
@@ -128,8 +168,18 @@ def load(cfg: config_lib.SweepConfig) -> Loaded:
 
 def pretrained_for(cfg: config_lib.SweepConfig, run: RunDir, *, mesh=None,
                    progress: bool = True) -> dict:
-    """The cached pretrained variables for ``cfg``; logged once per run."""
+    """The pretrained variables for ``cfg``: imported (``init_from``) or
+    pretrained and cached; logged once per run."""
     logged = any(True for _ in run.records("pretrain"))
+    if cfg.pretrain.init_from is not None:
+        meta = check_init_from(cfg)
+        variables, _ = weights.load_imported(cfg.pretrain.init_from)
+        if not logged:
+            run.log("pretrain", path=os.path.abspath(cfg.pretrain.init_from), reused=True,
+                    imported=True, meta_sha256=file_sha256(
+                        os.path.join(cfg.pretrain.init_from, "meta.json")),
+                    source=meta.get("source"))
+        return variables
     pre_vars, _ = pretrain.get_or_train(cfg.data, cfg.model, cfg.pretrain, cfg.runs_dir,
                                         mesh=mesh, progress=progress,
                                         log=None if logged else run.log)

@@ -28,13 +28,29 @@ def source_model_config(model_cfg: config_lib.ModelConfig) -> config_lib.ModelCo
     return dataclasses.replace(model_cfg, head="linear", reinit_blocks=0)
 
 
+# The DataConfig fields that change the pretraining data or its training.
+SOURCE_FIELDS = ("source", "data_dir", "image_size", "augment", "seed", "val_fraction",
+                 "test_fraction")
+
+
+def source_data_key(data: config_lib.DataConfig) -> dict:
+    """The data settings pretraining depends on: the source side only, plus
+    the downstream split when both read the same base set (pretraining then
+    leaves out the originals of the downstream val/test images)."""
+    key = {k: getattr(data, k) for k in SOURCE_FIELDS}
+    if data_lib.parse_spec(data.source).same_base(data_lib.parse_spec(data.downstream)):
+        key.update(downstream=data.downstream, per_class=data.per_class)
+    return json.loads(json.dumps(key))
+
+
 def cache_key(data: config_lib.DataConfig, model: config_lib.ModelConfig,
               pre: config_lib.PretrainConfig) -> str:
     m = source_model_config(model)
     blob = json.dumps({
-        "data": config_lib.to_dict(data),  # the digits source depends on the downstream split
+        "data": source_data_key(data),
         "backbone": {k: getattr(m, k) for k in ("backbone", "width", "depth", "stem", "dtype")},
-        "pretrain": config_lib.to_dict(pre),
+        "pretrain": {k: v for k, v in config_lib.to_dict(pre).items()
+                     if k not in ("init_from", "init_sha256")},
     }, sort_keys=True)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
     src = data.source.replace(":", "_").replace("/", "_")[-40:]

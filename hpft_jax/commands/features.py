@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 
+import numpy as np
+
+from hpft_jax.features import features
+
+description = __doc__.strip().split("\n\n")[0]
 HELP = "backbone features z (N, h) of normalised images (N, H, W, C) from a checkpoint"
 
 
@@ -17,10 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import numpy as np
-
-    from hpft_jax.features import features
-
     if not os.path.isfile(args.input):
         raise FileNotFoundError(f"no such input file: {args.input}")
     try:

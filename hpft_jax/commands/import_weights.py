@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from hpft_jax.weights import ARCHS, import_weights
+
+description = __doc__.strip().split("\n\n")[0]
 HELP = "convert a torchvision-format ResNet checkpoint (.pth/.safetensors/.npz) for --init-from"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from hpft_jax.weights import ARCHS
-
     parser.add_argument("src", help="checkpoint file: .pth, .pth.tar, .pt, .safetensors or .npz")
     parser.add_argument("--arch", required=True, choices=ARCHS, help="torchvision architecture")
     parser.add_argument("--out", required=True, help="output checkpoint directory")
@@ -21,8 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from hpft_jax.weights import import_weights
-
     variables, meta = import_weights(args.src, args.arch, args.out, prefix=args.prefix,
                                      keep_fc=args.keep_fc)
     how = "detected" if meta["prefix_detected"] else "given"
