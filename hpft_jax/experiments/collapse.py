@@ -68,8 +68,8 @@ class CollapseConfig:
 
     sweep: SweepConfig = sweep_field("collapse")
     blocks: tuple[str, ...] = option(
-        (), "comma-separated block names to tune in Layer/SCL FT, e.g. dense2 or layer3_1 "
-        "(default (): every block)")
+        (), "comma-separated block names to tune in Layer/SCL FT, e.g. dense2 or layer3_1; "
+        "() = every block")
     methods: tuple[str, ...] = option(METHODS, "comma-separated subset of the methods")
 
     def __post_init__(self):
