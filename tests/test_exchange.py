@@ -1,5 +1,6 @@
 """Head exchange (Fig. 3, right): the matrices against independent forward passes."""
 
+import dataclasses
 import json
 import os
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 
 from hpft_jax import checkpoint, config as C, data as data_lib, steps
-from hpft_jax.cli import main
-from hpft_jax.experiments.exchange import exchange_config, select_taus
+from hpft_jax.cli import build_parser, main
+from hpft_jax.experiments.exchange import EXPERIMENT, ExchangeConfig, select_taus
 from hpft_jax.losses import accuracy
 from hpft_jax.models import make_classifier
 from hpft_jax.runlog import RunDir
@@ -36,7 +37,7 @@ def run(tmp_path_factory):
 def finals(run):
     """Each finetuned model, read back from its checkpoint, and the data."""
     with open(run.config_file) as f:
-        cfg = C.from_dict(C.SweepConfig, json.load(f))
+        cfg = C.from_dict(ExchangeConfig, json.load(f)).sweep
     ds = data_lib.load_downstream(cfg.data)
     out = []
     for t in TAUS:
@@ -51,7 +52,9 @@ def _acc_fn(model):
 
 def test_config_and_records(run):
     with open(run.config_file) as f:
-        cfg = C.from_dict(C.SweepConfig, json.load(f))
+        full = C.from_dict(ExchangeConfig, json.load(f))
+    cfg = full.sweep
+    assert full.n_taus is None and cfg.name == "exchange"
     assert cfg.hp.taus == TAUS and cfg.seeds == (0,) and cfg.ls_eta is None
     (rec,) = list(run.records("exchange"))
     assert rec["taus"] == list(TAUS) and (rec["rows"], rec["cols"]) == ("head", "backbone")
@@ -116,8 +119,34 @@ def test_select_taus_rejects_n_below_one():
         select_taus((0, 1), 0)
 
 
-def test_exchange_config_drops_lshp_and_keeps_given_taus():
-    cfg = exchange_config(C.SweepConfig(), taus=(0, 16))
-    assert cfg.hp.taus == (0, 16) and cfg.ls_eta is None
-    cfg = exchange_config(C.SweepConfig(hp=C.HPConfig(taus=(0, 1, 2))), n_taus=7)
-    assert cfg.hp.taus == (0, 1, 2)
+def test_config_defaults_and_n_taus():
+    cfg = ExchangeConfig()
+    assert cfg.sweep.hp.taus == (0, 2, 8, 32, 64, 256, 1024)  # 7 of the 2^n list
+    assert cfg.sweep.seeds == (0,) and cfg.sweep.ls_eta is None and cfg.n_taus is None
+    sweep = dataclasses.replace(cfg.sweep, hp=C.HPConfig(taus=(0, 1, 2, 4, 8)))
+    picked = ExchangeConfig(sweep=sweep, n_taus=2)
+    assert picked.sweep.hp.taus == (0, 8) and picked.n_taus == 2
+    # config.json round trip: the kept list is stable under the same n_taus
+    assert C.from_dict(ExchangeConfig, C.to_dict(picked)) == picked
+    assert ExchangeConfig(sweep=sweep).sweep.hp.taus == (0, 1, 2, 4, 8)
+    with pytest.raises(ValueError, match="HP only"):
+        ExchangeConfig(sweep=dataclasses.replace(cfg.sweep, ls_eta=0.9))
+    with pytest.raises(ValueError, match="n_taus"):
+        ExchangeConfig(n_taus=0)
+
+
+def test_cli_n_taus_and_bad_input(tmp_path, capsys):
+    """``--n-taus`` reaches config.json; a rejected command writes nothing,
+    and a changed ``--n-taus`` under the same name is refused."""
+    runs = tmp_path / "runs"
+    base = ["exchange", "--runs-dir", str(runs), "--name", "e", "--quiet"]
+    assert main(base + ["--ls-eta", "0.9"]) == 2
+    assert "HP only" in capsys.readouterr().err
+    assert main(base + ["--downstream", "digits:0,11"]) == 2
+    assert not os.path.exists(runs / "e")
+    cfg = EXPERIMENT.config_from_args(build_parser(["exchange"]).parse_args(
+        base + ["--taus", "0,1,2,4,8", "--n-taus", "3"]))
+    assert cfg.sweep.hp.taus == (0, 2, 8) and cfg.n_taus == 3
+    RunDir(str(runs / "e")).write_config(cfg)
+    assert main(base + ["--taus", "0,1,2,4,8", "--n-taus", "2"]) == 2
+    assert "different config" in capsys.readouterr().err

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from hpft_jax import checkpoint, config as C, scl
+from hpft_jax import checkpoint, config as C, data as data_lib, pretrain, scl
 from hpft_jax.cli import build_parser, main
 from hpft_jax.experiments import collapse as exp
 from hpft_jax.models import Classifier, LinearHead, MLPBackbone, ResNetTiny, make_classifier
@@ -218,17 +218,17 @@ def _nc1_numpy(h, y, k):
     return float(np.trace(sw @ np.linalg.pinv(sb, rcond=1e-10, hermitian=True)) / k)
 
 
-def test_collapse_command_end_to_end(tmp_path):
-    from hpft_jax import data as data_lib, pretrain
-
+def test_collapse_command_end_to_end(tmp_path, capsys):
     runs = str(tmp_path / "runs")
     argv = ["collapse", "--runs-dir", runs, "--name", "t", "--width", "16", "--depth", "2",
             "--ft-epochs", "2", "--batch-size", "64", "--seeds", "0", "--quiet",
             "--blocks", "dense1", "--methods", "scl_ft"]
     assert main(argv[:-4] + ["--blocks", "dense9"]) == 2  # checked before anything is written
+    assert "blocks ['dense9'] are not blocks of mlp" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(runs, "t"))
     # A stand-in "pretrained" backbone in the cache (pretraining itself is tested with the sweep).
-    cfg = exp.config_from_args(build_parser().parse_args(argv))
+    cfg = exp.EXPERIMENT.config_from_args(build_parser(["collapse"]).parse_args(argv))
+    assert (cfg.blocks, cfg.methods) == (("dense1",), ("scl_ft",))
     ds = data_lib.load_downstream(cfg.sweep.data)
     src = make_classifier(pretrain.source_model_config(cfg.sweep.model), 10)
     pre_vars = _random_vars(src, ds.train.x[:2], seed=3)
@@ -256,7 +256,7 @@ def test_collapse_command_end_to_end(tmp_path):
     assert sc["z"]["nc1"] != pytest.approx(pre["z"]["nc1"], rel=1e-6)  # dense1 did train
     for name in ("layerwise_nc1.png", "by_block.png"):
         assert os.path.getsize(run.figures(name)) > 1000
-    with open(os.path.join(run.path, "report.md")) as f:
+    with open(os.path.join(run.path, "collapse.md")) as f:
         assert "| SCL FT | dense1 (2/2) |" in f.read()
     with open(run.config_file) as f:
         assert C.from_dict(exp.CollapseConfig, json.load(f)) == cfg
@@ -265,4 +265,10 @@ def test_collapse_command_end_to_end(tmp_path):
     n = len(list(run.records()))
     assert main(argv + ["--no-figures"]) == 0
     assert main(argv + ["--report-only", "--no-figures"]) == 0
+    assert len(list(run.records())) == n
+    # a changed extra under the same --name is refused, and nothing is written
+    capsys.readouterr()
+    assert main(argv[:-1] + ["layer_ft"]) == 2
+    assert "differs in ['methods']" in capsys.readouterr().err
+    assert run.read_config(exp.CollapseConfig) == cfg
     assert len(list(run.records())) == n

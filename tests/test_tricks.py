@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from hpft_jax import checkpoint, config as C, data as data_lib, hp, pretrain
-from hpft_jax.cli import main
-from hpft_jax.experiments.tricks import check_config, make_cases, tricks_config
+from hpft_jax import checkpoint, config as C, data as data_lib, pretrain, rng
+from hpft_jax.cli import build_parser, main
+from hpft_jax.experiments.tricks import EXPERIMENT, TricksConfig, make_cases
 from hpft_jax.models import make_classifier
 from hpft_jax.runlog import RunDir
 
@@ -39,7 +39,9 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ctx(run):
     with open(run.config_file) as f:
-        cfg = C.from_dict(C.SweepConfig, json.load(f))
+        full = C.from_dict(TricksConfig, json.load(f))
+    assert full.reinit == (2,) and full.sweep.hp.taus == (TAU,)
+    cfg = full.sweep
     ds = data_lib.load_downstream(cfg.data)
     pre, _ = pretrain.get_or_train(cfg.data, cfg.model, cfg.pretrain, cfg.runs_dir,
                                    progress=False)
@@ -132,7 +134,7 @@ def test_partial_backbone_starts_from_reinitialised_blocks(run, ctx):
     assert set(snap["backbone"]) == {"dense2", "dense3"} and set(snap) == {"backbone", "head"}
     model = make_classifier(cfg.model, ds.num_classes)
     for i, s in enumerate(cfg.seeds):
-        fresh = model.init(hp.seed_key(s, hp.HEAD_INIT), ds.train.x[:2], train=False)["params"]
+        fresh = model.init(rng.seed_key(s, rng.HEAD_INIT), ds.train.x[:2], train=False)["params"]
         mine = _seed(snap, i)
         for b in ("dense2", "dense3"):
             w, w0, wp = (np.asarray(t[b]["kernel"]) for t in (mine["backbone"], fresh["backbone"], pre))
@@ -151,14 +153,28 @@ def test_partial_backbone_starts_from_reinitialised_blocks(run, ctx):
     (["--head", "mlp"], "--head mlp"),
     (["--eta-hp", "0.9"], "--eta-hp"),
     (["--reinit-blocks", "1"], "--reinit-blocks 1"),
+    (["--ls-eta", "none"], "--ls-eta none"),
     (["--reinit", "0"], "positive block counts"),
+    (["--reinit", "1,5", "--depth", "4"], "has only 4 blocks"),
 ])
 def test_cli_rejects_settings_the_cases_own(tmp_path, capsys, argv, msg):
-    assert main(["tricks", "--runs-dir", str(tmp_path), "--quiet"] + argv) == 2
+    assert main(["tricks", "--runs-dir", str(tmp_path), "--name", "t", "--quiet"] + argv) == 2
     assert msg in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "t")  # nothing written, config.json included
 
 
-def test_make_cases():
+def test_changed_reinit_under_the_same_name_is_refused(tmp_path, capsys):
+    argv = ["tricks", "--runs-dir", str(tmp_path), "--name", "t", "--quiet", "--depth", "4"]
+    cfg = EXPERIMENT.config_from_args(build_parser(["tricks"]).parse_args(argv + ["--reinit", "1"]))
+    assert cfg.reinit == (1,)
+    run = RunDir(str(tmp_path / "t"))
+    run.write_config(cfg)  # as a started run would have
+    assert main(argv + ["--reinit", "2"]) == 2
+    assert "different config (differs in ['reinit'])" in capsys.readouterr().err
+    assert run.read_config(TricksConfig) == cfg  # unchanged
+
+
+def test_make_cases_and_config():
     names = [c.name for c in make_cases(ls_eta=0.8, reinit=(1, 3))]
     assert names == ["baseline", "mlp_head", "lshp", "ls_both", "ls_ft", "reinit1", "reinit3"]
     pairs = {c.name: (c.eta_hp, c.eta_ft) for c in make_cases(ls_eta=0.8)}
@@ -166,7 +182,12 @@ def test_make_cases():
     assert pairs["ls_ft"] == (1.0, 0.8) and pairs["baseline"] == (1.0, 1.0)
     with pytest.raises(ValueError, match="ls_eta"):
         make_cases(ls_eta=1.0)
-    cfg = tricks_config(C.SweepConfig(ls_eta=None))
-    assert cfg.hp.taus == (C.SweepConfig().hp.taus[-1],)
+    # HP at one τ: the largest of the list, which is all the config keeps
+    cfg = TricksConfig()
+    assert cfg.sweep.name == "tricks" and cfg.reinit == (1, 2, 3)
+    assert cfg.sweep.hp.taus == (C.SweepConfig().hp.taus[-1],)
+    cfg = TricksConfig(sweep=C.SweepConfig(hp=C.HPConfig(taus=(0, 4, 64))))
+    assert cfg.sweep.hp.taus == (64,)
+    assert C.from_dict(TricksConfig, C.to_dict(cfg)) == cfg
     with pytest.raises(ValueError, match="--ls-eta none"):
-        check_config(cfg)
+        TricksConfig(sweep=C.SweepConfig(ls_eta=None))

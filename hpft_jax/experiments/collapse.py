@@ -22,8 +22,10 @@ For every method, block and seed the run logs (``metrics.jsonl``, event
 trained, and, on the downstream *training* set in eval mode, the collapse
 metrics of the head's input z (NC1, CDNV, numerical rank) and the NC1 of every
 block's pooled output (layer-wise NC1). The pretrained backbone's metrics are
-logged once (event ``nc_pretrained``). :func:`report` rebuilds the Table-3
-layout and the figures from ``metrics.jsonl`` alone.
+logged once (event ``nc_pretrained``). The pretrained backbone is the
+sweep's (:func:`hpft_jax.prepare.prepare`, no HP). :func:`report` rebuilds
+``collapse.md`` (the Table-3 layout) and the figures from ``metrics.jsonl``
+alone.
 
     hpft collapse                            # every block of the toy MLP on digits
     hpft collapse --blocks dense1,dense2 --seeds 0,1
@@ -35,10 +37,19 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import os
 from typing import Any, NamedTuple
 
-from hpft_jax import config as config_lib
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hpft_jax import ft, hp, neural_collapse as nc, prepare, scl
+from hpft_jax.config import SweepConfig
+from hpft_jax.experiment import Experiment, sweep_field
+from hpft_jax.flags import option
+from hpft_jax.outputs import mean_std, md_table, plt, save_figure
+from hpft_jax.params import count, is_head_path, merge, partition
+from hpft_jax.runlog import RunDir
 
 METHODS = ("linear_probe", "layer_ft", "scl_ft", "full_ft")
 LABELS = {"linear_probe": "Linear probe", "layer_ft": "Layer FT", "scl_ft": "SCL FT",
@@ -48,17 +59,18 @@ EVAL_CHUNK = 512  # examples per forward pass when measuring collapse
 
 @dataclasses.dataclass(frozen=True)
 class CollapseConfig:
-    """The experiment: ``sweep`` supplies data, model, pretraining, FT and seeds.
+    """``hpft collapse``; ``sweep`` supplies data, model, pretraining, FT and seeds.
 
     ``sweep.hp``, ``sweep.ls_eta`` and ``sweep.shard`` are not used (every
     method starts from the fresh τ = 0 head). ``blocks``: backbone block
     names to tune in Layer/SCL FT; empty means every block.
     """
 
-    sweep: config_lib.SweepConfig = dataclasses.field(
-        default_factory=lambda: config_lib.SweepConfig(name="collapse"))
-    blocks: tuple[str, ...] = ()
-    methods: tuple[str, ...] = METHODS
+    sweep: SweepConfig = sweep_field("collapse")
+    blocks: tuple[str, ...] = option(
+        (), "comma-separated block names to tune in Layer/SCL FT, e.g. dense2 or layer3_1; "
+        "() = every block")
+    methods: tuple[str, ...] = option(METHODS, "comma-separated subset of the methods")
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in METHODS]
@@ -102,8 +114,6 @@ def plan(cfg: CollapseConfig, model) -> list[Job]:
 
 def trainable(job: Job):
     """Path predicate of the trained parameters; None = everything."""
-    from hpft_jax.params import is_head_path
-
     if job.method == "full_ft":
         return None
     blocks = () if job.block is None else (job.block,)
@@ -116,8 +126,6 @@ def count_tuned(params, pred) -> tuple[int, int]:
     This convention reproduces the companion paper's percentages (Tables 3, 5,
     6: e.g. ResNet18, block 5 = ``layer3_1``, 10 classes: 8.27 %).
     """
-    from hpft_jax.params import count, partition
-
     total = count(params)
     return (total if pred is None else count(partition(params, pred)[0])), total
 
@@ -137,8 +145,6 @@ class Meter:
     """
 
     def __init__(self, plain_model, x, y, num_classes: int, *, chunk: int = EVAL_CHUNK):
-        from hpft_jax import neural_collapse as nc
-
         self.names = block_names(plain_model)
         self.blocks_fn = nc.block_features_fn(plain_model)  # same tree for SCL models
         self.k = num_classes
@@ -147,19 +153,12 @@ class Meter:
         self._z_fns: dict[Any, Any] = {}
 
     def _z(self, model, variables):
-        import jax
-        import numpy as np
-
         if model not in self._z_fns:
             self._z_fns[model] = jax.jit(lambda v, x: model.apply(v, x, train=False)[1])
         fn = self._z_fns[model]
         return np.concatenate([np.asarray(fn(variables, xb)) for xb, _ in self.chunks])
 
     def _layer_stats(self, variables):
-        import jax.numpy as jnp
-
-        from hpft_jax import neural_collapse as nc
-
         means = None
         for xb, yb in self.chunks:
             fs, yb = self.blocks_fn(variables, jnp.asarray(xb)), jnp.asarray(yb)
@@ -173,8 +172,6 @@ class Meter:
         return [nc.finalize(m, s) for m, s in zip(means, scat)]
 
     def __call__(self, model, variables) -> dict:
-        from hpft_jax import neural_collapse as nc
-
         z = self._z(model, variables)
         layer = {n: nc.nc1_from_stats(s) for n, s in zip(self.names, self._layer_stats(variables))}
         return {"z": nc.collapse_metrics(z, self.y, self.k), "layer_nc1": layer}
@@ -185,8 +182,6 @@ class Meter:
 
 
 def _take(tree, i: int):
-    import jax
-
     return jax.tree_util.tree_map(lambda a: a[i], tree)
 
 
@@ -199,8 +194,6 @@ def finetune_job(model, job: Job, ft_cfg, inits, seeds, data: dict, *, num_class
     :func:`hpft_jax.ft.finetune` (AIE and the adaptation metrics use the
     training set). The final variables are stacked over the R runs.
     """
-    from hpft_jax import ft, scl
-
     m = scl.with_skip(model, job.block) if job.method == "scl_ft" else model
     results, final = ft.finetune(
         m, ft_cfg, inits, seeds, data, data["train_x"], data["train_y"], num_classes=num_classes,
@@ -209,35 +202,27 @@ def finetune_job(model, job: Job, ft_cfg, inits, seeds, data: dict, *, num_class
     return m, results, final
 
 
-def run_collapse(cfg: CollapseConfig, *, progress: bool = True):
-    """Run (or continue) the experiment; returns its :class:`RunDir`.
+def check(cfg: CollapseConfig, loaded: prepare.Loaded) -> None:
+    """Block names must be blocks of the backbone."""
+    plan(cfg, loaded.model)
+
+
+def run(cfg: CollapseConfig, run: RunDir, loaded: prepare.Loaded, *,
+        progress: bool = True) -> None:
+    """Run (or continue) the experiment into ``run``.
 
     Finished (method, block, seed) runs are read back from ``metrics.jsonl``
     and skipped, so rerunning a killed run continues it.
     """
-    import jax.numpy as jnp
-
-    from hpft_jax import data as data_lib, hp, parallel
-    from hpft_jax.models import make_classifier
-    from hpft_jax.params import merge
-    from hpft_jax.runlog import RunDir
-    from hpft_jax.sweep import base_variables, pretrained_for, split_arrays
-
     sw = cfg.sweep
-    ds = data_lib.load_downstream(sw.data)
-    k = ds.num_classes
-    model = make_classifier(sw.model, k)
-    jobs = plan(cfg, model)  # block names are checked before anything is written
-    run = RunDir(os.path.join(sw.runs_dir, sw.name))
-    run.write_config(cfg)
+    ds, model, k = loaded.ds, loaded.model, loaded.num_classes
+    jobs = plan(cfg, model)
     done = {(r["method"], r["block"], r["seed"]) for r in run.records("collapse_ft")}
     if any(True for _ in run.records("nc_pretrained")) and all(
             (j.method, j.block, s) in done for j in jobs for s in sw.seeds):
-        return run  # finished
-    mesh = parallel.data_mesh()
-    pre_vars = pretrained_for(sw, run, mesh=mesh, progress=progress)
-    x2 = jnp.asarray(ds.train.x[:2])
-    base, _ = base_variables(model, pre_vars, 0, x2)
+        return  # finished
+    prep = prepare.prepare(sw, run, loaded=loaded, with_hp=False, progress=progress)
+    base = prep.base
     meter = Meter(model, ds.train.x, ds.train.y, k)
     if not any(True for _ in run.records("nc_pretrained")):
         n_total = count_tuned(base["params"], None)[1]
@@ -245,11 +230,12 @@ def run_collapse(cfg: CollapseConfig, *, progress: bool = True):
                 **meter(model, base))
 
     seeds = list(sw.seeds)
-    heads, head_stats = hp.init_heads(model, x2, seeds, 0)  # the τ = 0 heads of the sweep
+    # the τ = 0 heads of the sweep
+    heads, head_stats = hp.init_heads(model, loaded.x_example(), seeds, 0)
     _, _, fparams, fstats, _ = hp.split_head(model, base, 0)
     inits = [(merge(fparams, _take(heads, i)), merge(fstats, _take(head_stats, i)))
              for i in range(len(seeds))]
-    data = split_arrays(ds)
+    data = prep.arrays()
     for job in jobs:
         todo = [i for i, s in enumerate(seeds) if (job.method, job.block, s) not in done]
         if not todo:
@@ -257,27 +243,19 @@ def run_collapse(cfg: CollapseConfig, *, progress: bool = True):
         for g in [todo] if sw.vmap else [[i] for i in todo]:
             m, results, final = finetune_job(
                 model, job, sw.ft, [inits[i] for i in g], [seeds[i] for i in g], data,
-                num_classes=k, augment=sw.data.augment, mesh=mesh, progress=progress)
+                num_classes=k, augment=sw.data.augment, mesh=prep.mesh, progress=progress)
             n_tuned, n_total = count_tuned(base["params"], trainable(job))
             for r, (i, res) in enumerate(zip(g, results)):
                 run.log("collapse_ft", method=job.method, block=job.block, seed=seeds[i],
                         n_tuned=n_tuned, n_params=n_total, pct_tuned=100.0 * n_tuned / n_total,
                         **meter(m, _take(final, r)), **res)
-    return run
 
 
 # --------------------------------------------------------------------------
 # Report: Table-3 layout and figures, from metrics.jsonl alone
 
 
-def _mean_std(xs) -> tuple[float, float]:
-    import numpy as np
-
-    a = np.asarray([x for x in xs if x is not None], dtype=float)
-    return (math.nan, math.nan) if a.size == 0 else (float(a.mean()), float(a.std()))
-
-
-def summarize(run) -> tuple[dict, dict | None]:
+def summarize(run: RunDir) -> tuple[dict, dict | None]:
     """``({(method, block): row}, pretrained record or None)``; rows hold (mean, std)."""
     groups = collections.defaultdict(list)
     for r in run.records("collapse_ft"):
@@ -288,10 +266,10 @@ def summarize(run) -> tuple[dict, dict | None]:
         row = {"n_seeds": len(recs), "pct_tuned": recs[0]["pct_tuned"],
                "n_tuned": recs[0]["n_tuned"]}
         for name in ("test_acc", "val_acc", "train_acc", "best_epoch"):
-            row[name] = _mean_std(r[name] for r in recs)
+            row[name] = mean_std(r[name] for r in recs)
         for name in ("nc1", "cdnv", "numerical_rank"):
-            row[name] = _mean_std(r["z"][name] for r in recs)
-        row["layer_nc1"] = {b: _mean_std(r["layer_nc1"][b] for r in recs)
+            row[name] = mean_std(r["z"][name] for r in recs)
+        row["layer_nc1"] = {b: mean_std(r["layer_nc1"][b] for r in recs)
                             for b in recs[0]["layer_nc1"]}
         out[key] = row
     order = {m: i for i, m in enumerate(METHODS)}
@@ -316,36 +294,23 @@ def table3(summary: dict, pre: dict | None) -> str:
     blocks = pre["blocks"] if pre else []
     head = ["method", "tuned block", "test acc (%)", "val acc (%)", "NC1(z)", "CDNV(z)",
             "num. rank(z)", "params tuned"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     if pre is not None:
         z = pre["z"]
-        lines.append(f"| pretrained, no FT | – | – | – | {z['nc1']:.3g} | {z['cdnv']:.3g} | "
-                     f"{z['numerical_rank']:.3g} | – |")
+        rows.append(["pretrained, no FT", "–", "–", "–", f"{z['nc1']:.3g}", f"{z['cdnv']:.3g}",
+                     f"{z['numerical_rank']:.3g}", "–"])
     for (m, b), row in summary.items():
         where = "–" if b is None else (f"{b} ({blocks.index(b) + 1}/{len(blocks)})"
                                        if b in blocks else b)
-        lines.append("| " + " | ".join([
-            LABELS[m], where, _fmt(row["test_acc"], 100), _fmt(row["val_acc"], 100),
-            _fmt(row["nc1"], fmt="{:.3g}"), _fmt(row["cdnv"], fmt="{:.3g}"),
-            _fmt(row["numerical_rank"], fmt="{:.3g}"),
-            f"{row['pct_tuned']:.2f}% ({row['n_tuned']:,})"]) + " |")
-    return "\n".join(lines)
+        rows.append([LABELS[m], where, _fmt(row["test_acc"], 100), _fmt(row["val_acc"], 100),
+                     _fmt(row["nc1"], fmt="{:.3g}"), _fmt(row["cdnv"], fmt="{:.3g}"),
+                     _fmt(row["numerical_rank"], fmt="{:.3g}"),
+                     f"{row['pct_tuned']:.2f}% ({row['n_tuned']:,})"])
+    return md_table(head, rows)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def figures(run, summary: dict, pre: dict | None) -> list[str]:
+def figure_files(run: RunDir, summary: dict, pre: dict | None) -> list[str]:
     """``layerwise_nc1.png`` (Fig. 10 layout) and ``by_block.png``; returns paths."""
-    import numpy as np
-
-    plt = _plt()
     paths = []
     if not summary:
         return paths
@@ -360,7 +325,7 @@ def figures(run, summary: dict, pre: dict | None) -> list[str]:
     def curve(row):
         return [row["layer_nc1"][n][0] for n in names] + [row["nc1"][0]]
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    fig, axes = plt().subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
     for ax, b in zip(axes[0], panels):
         for (m, bb), row in summary.items():
             if bb is None or bb == b:
@@ -377,14 +342,10 @@ def figures(run, summary: dict, pre: dict | None) -> list[str]:
     axes[0][-1].legend(fontsize=7)
     fig.suptitle("Layer-wise NC1 on the training set after each method (companion paper "
                  "Fig. 10); z = the head's input", fontsize=10)
-    fig.tight_layout()
-    p = run.figures("layerwise_nc1.png")
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save_figure(run, fig, "layerwise_nc1.png"))
 
     if tuned:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.4))
+        fig, (a1, a2) = plt().subplots(1, 2, figsize=(8, 3.4))
         pos = np.arange(len(tuned))
         for m in ("layer_ft", "scl_ft"):
             rows = [summary.get((m, b)) for b in tuned]
@@ -406,85 +367,24 @@ def figures(run, summary: dict, pre: dict | None) -> list[str]:
             ax.grid(alpha=0.3)
         a2.set_yscale("log")
         a1.legend(fontsize=7)
-        fig.tight_layout()
-        p = run.figures("by_block.png")
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(run, fig, "by_block.png"))
     return paths
 
 
-def report(run_dir: str, *, write_figures: bool = True, out=print) -> str:
-    """Print and write ``report.md`` of a collapse run; returns the text."""
-    from hpft_jax.runlog import RunDir
-
-    run = RunDir(run_dir)
-    if not os.path.isdir(run.path):
-        raise FileNotFoundError(f"no run directory at {run.path}")
+def report(run: RunDir, *, figures: bool = True) -> tuple[list[str], list[str]]:
+    """``collapse.md``'s parts and the figures, from the records alone."""
     summary, pre = summarize(run)
     if not summary and pre is None:
         raise ValueError(f"{run.path} has no collapse records in metrics*.jsonl yet")
     n = max((row["n_seeds"] for row in summary.values()), default=0)
-    text = "\n\n".join([
-        f"# Collapse report: {run.path}",
-        (f"## Table 3 layout (mean ± std over {n} seeds; NC1, CDNV, rank of the head's "
-         "input z on the training set, eval mode)"),
-        table3(summary, pre),
-    ])
-    if write_figures:
-        paths = figures(run, summary, pre)
-        text += "\n\n## Figures\n\n" + "\n".join(f"- {os.path.relpath(p, run.path)}" for p in paths)
-    with open(os.path.join(run.path, "report.md"), "w") as f:
-        f.write(text + "\n")
-    out(text)
-    return text
+    parts = [f"# Collapse report: {run.path}",
+             (f"## Table 3 layout (mean ± std over {n} seeds; NC1, CDNV, rank of the head's "
+              "input z on the training set, eval mode)"),
+             table3(summary, pre)]
+    return parts, figure_files(run, summary, pre) if figures else []
 
 
-# --------------------------------------------------------------------------
-# Command line
-
-
-def _names(s: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in s.split(",") if v.strip())
-
-
-def config_from_args(args) -> CollapseConfig:
-    from hpft_jax import cli
-
-    sw = cli.config_from_args(args)
-    if getattr(args, "name", None) is None:
-        sw = dataclasses.replace(sw, name="collapse")
-    kw: dict[str, Any] = {"sweep": sw}
-    if args.blocks is not None:
-        kw["blocks"] = _names(args.blocks)
-    if args.methods is not None:
-        kw["methods"] = _names(args.methods)
-    return CollapseConfig(**kw)
-
-
-def cmd(args) -> None:
-    cfg = config_from_args(args)
-    path = os.path.join(cfg.sweep.runs_dir, cfg.sweep.name)
-    if not args.report_only:
-        path = run_collapse(cfg, progress=not args.quiet).path
-    report(path, write_figures=not args.no_figures)
-
-
-def add_parser(subparsers) -> None:
-    from hpft_jax import cli
-
-    p = subparsers.add_parser(
-        "collapse", help="linear probe, Layer FT, SCL FT, full FT: accuracy, %% tuned, NC1 "
-        "(companion paper Table 3, Fig. 10)",
-        description=__doc__.split("\n\n")[0])
-    cli.add_config_flags(p)
-    p.add_argument("--blocks", default=None,
-                   help="comma-separated block names to tune in Layer/SCL FT, e.g. dense2 or "
-                   "layer3_1 (default: every block)")
-    p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
-    p.add_argument("--report-only", action="store_true",
-                   help="rebuild report.md and figures from metrics.jsonl without training")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--no-figures", action="store_true")
-    p.set_defaults(fn=cmd)
+EXPERIMENT = Experiment(
+    "collapse", CollapseConfig, run, report, check=check, doc=__doc__,
+    help="linear probe, Layer FT, SCL FT, full FT: accuracy, % tuned, NC1 "
+         "(companion paper Table 3, Fig. 10)")

@@ -1,8 +1,11 @@
 """``hpft exchange``: the head-exchange matrices of Fig. 3 (right), Sec. 4.2.
 
-1. HPτ-FT for n values of τ (default: 7 spread over the configured τ list),
-   one seed by default. This is :func:`hpft_jax.sweep.run_sweep` with
-   ``save_final=True``: every converged (early-stopped) model is kept under
+1. HPτ-FT for the τ values of ``sweep.hp.taus`` (default: 7 values spread
+   over the 2^n list, τ = 0, 2, 8, 32, 64, 256, 1024; ``--n-taus N`` keeps N
+   of the given list, spread by position), one seed by default, no lsHP.
+   Setup is :func:`hpft_jax.prepare.prepare` and FT is
+   :func:`hpft_jax.sweep.finetune_runs` with ``save_final=True``, exactly the
+   sweep's: every converged (early-stopped) model is kept under
    ``checkpoints/final/``, and a killed run continues where it stopped.
 2. Pair the backbone of run i with the head of run j, with no further
    tuning, for all n x n pairs, and measure train / validation / test
@@ -12,7 +15,8 @@ The matrices are logged as ``exchange`` events of ``metrics.jsonl``, one per
 seed, as ``acc[head j][backbone i]``: rows are heads, columns backbones, as
 in the paper's figure ("for the strong adapted backbones (the first two
 columns), the heads from other cases are not compatible"). The diagonal is
-each finetuned model's own accuracy.
+each finetuned model's own accuracy. :func:`report` rebuilds ``exchange.md``
+and ``figures/exchange.png`` from the records alone.
 
 "Head" is what head probing trains: ``params/head`` and, under a partial
 backbone (``--reinit-blocks k``), the last k backbone blocks; the backbone is
@@ -20,16 +24,26 @@ everything else, BatchNorm statistics included.
 
     hpft exchange                      # 7 τ from the default list, seed 0
     hpft exchange --taus 0,4,64,1024 --seeds 0,1 --name exchange_s2
+    hpft exchange --taus 0,1,2,4,8,16,32 --n-taus 3     # τ = 0, 4, 32
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from hpft_jax import checkpoint, hp, prepare, steps, sweep
+from hpft_jax.config import SweepConfig, default_taus
+from hpft_jax.experiment import Experiment, sweep_field
+from hpft_jax.flags import option
+from hpft_jax.outputs import md_table, plt, save_figure
+from hpft_jax.params import merge
+from hpft_jax.prepare import RunKey
+from hpft_jax.runlog import RunDir
 
 Tree = Any
 SPLITS = ("train", "val", "test")
@@ -52,12 +66,32 @@ def select_taus(taus, n: int) -> tuple[int, ...]:
     return tuple(taus[i] for i in idx)
 
 
-def exchange_config(cfg, *, taus=None, n_taus: int = 7):
-    """The sweep configuration that the exchange runs: only HP (no lsHP) at
-    the exchange's τ values (``taus``, or ``n_taus`` picked by
-    :func:`select_taus` from ``cfg.hp.taus``)."""
-    chosen = tuple(taus) if taus is not None else select_taus(cfg.hp.taus, n_taus)
-    return dataclasses.replace(cfg, hp=dataclasses.replace(cfg.hp, taus=chosen), ls_eta=None)
+DEFAULT_TAUS = select_taus(default_taus(), 7)  # 0, 2, 8, 32, 64, 256, 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class ExchangeConfig:
+    """``hpft exchange``; ``sweep`` supplies data, model, pretraining, HP, FT, seeds.
+
+    ``sweep.hp.taus``: the exchange's τ values; ``sweep.ls_eta`` must be None
+    (HP only). ``n_taus``: None uses the whole τ list; N keeps N values of it
+    spread by position, both ends kept (:func:`select_taus`), and the kept
+    list is what ``sweep.hp.taus`` (and ``config.json``) holds.
+    """
+
+    sweep: SweepConfig = sweep_field("exchange", seeds=(0,), taus=DEFAULT_TAUS, ls_eta=None)
+    n_taus: int | None = option(
+        None, "keep this many τ of the --tau list, spread by position (both ends kept); "
+        "None: the whole list")
+
+    def __post_init__(self):
+        if self.sweep.ls_eta is not None:
+            raise ValueError("hpft exchange runs HP only: ls_eta must be None "
+                             f"(remove --ls-eta); got {self.sweep.ls_eta}")
+        if self.n_taus is not None:
+            chosen = select_taus(self.sweep.hp.taus, self.n_taus)
+            hp_cfg = dataclasses.replace(self.sweep.hp, taus=chosen)
+            object.__setattr__(self, "sweep", dataclasses.replace(self.sweep, hp=hp_cfg))
 
 
 def make_exchange_fn(model, *, reinit_blocks: int = 0, chunk: int = 512):
@@ -70,11 +104,6 @@ def make_exchange_fn(model, *, reinit_blocks: int = 0, chunk: int = 512):
     features); all heads then run on them under ``vmap``. Jitted. Averaging
     over m gives the accuracy matrix; several splits can go in one call.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from hpft_jax import hp, steps
-    from hpft_jax.params import merge
 
     def fn(variables, x, y):
         head_p, head_s, body_p, body_s, split = hp.split_head(model, variables, reinit_blocks)
@@ -99,8 +128,6 @@ def make_exchange_fn(model, *, reinit_blocks: int = 0, chunk: int = 512):
 def exchange_accuracy(fn, variables, splits: dict) -> dict[str, np.ndarray]:
     """``{name: acc (n_head, n_backbone)}`` for ``splits = {name: (x, y)}``,
     all evaluated in one call of ``fn`` (:func:`make_exchange_fn`)."""
-    import jax.numpy as jnp
-
     names = [k for k, (x, _) in splits.items() if x.shape[0]]
     if not names:
         raise ValueError("every split is empty")
@@ -111,19 +138,11 @@ def exchange_accuracy(fn, variables, splits: dict) -> dict[str, np.ndarray]:
     return {k: correct[..., a:b].mean(axis=-1) for k, a, b in zip(names, bounds[:-1], bounds[1:])}
 
 
-def _final_name(tau: int, seed: int) -> str:
-    return f"hp_tau{tau}_seed{seed}"
-
-
-def load_finals(run, taus, seed: int) -> dict:
+def load_finals(run: RunDir, taus, seed: int) -> dict:
     """The finetuned variables of ``seed`` at every τ, stacked over τ."""
-    import jax
-
-    from hpft_jax import checkpoint
-
     trees = []
     for t in taus:
-        path = run.checkpoints("final", _final_name(t, seed))
+        path = sweep.final_dir(run, RunKey("hp", seed, t))
         if not checkpoint.exists(path):
             raise FileNotFoundError(
                 f"no finetuned model for τ={t}, seed={seed} at {path}: the FT runs of "
@@ -133,22 +152,19 @@ def load_finals(run, taus, seed: int) -> dict:
     return jax.tree_util.tree_map(lambda *a: np.stack(a), *trees)
 
 
-def run_exchange(cfg, *, progress: bool = True):
-    """Run (or continue) the exchange for ``cfg`` (see :func:`exchange_config`);
-    returns the :class:`~hpft_jax.runlog.RunDir`."""
-    from hpft_jax import data as data_lib
-    from hpft_jax.models import make_classifier
-    from hpft_jax.sweep import run_sweep
-
-    if cfg.ls_eta is not None:
-        raise ValueError("the exchange runs HP only: use exchange_config(cfg), which sets ls_eta=None")
-    run = run_sweep(cfg, progress=progress, save_final=True)
-    ds = data_lib.load_downstream(cfg.data)
-    model = make_classifier(cfg.model, ds.num_classes)
-    fn = make_exchange_fn(model, reinit_blocks=cfg.model.reinit_blocks)
-    taus = list(cfg.hp.taus)
+def run(cfg: ExchangeConfig, run: RunDir, loaded: prepare.Loaded, *,
+        progress: bool = True) -> None:
+    """Run (or continue) the exchange into ``run``: the sweep's HPτ-FT with
+    every final model saved, then one ``exchange`` event per seed not yet logged."""
+    sw = cfg.sweep
+    taus = list(sw.hp.taus)
     done = {r["seed"] for r in run.records("exchange") if r["taus"] == taus}
-    for seed in cfg.seeds:
+    prepare.warn_opposite_energy(sw)
+    prep = prepare.prepare(sw, run, loaded=loaded, progress=progress)
+    sweep.finetune_runs(prep, run, progress=progress, save_final=True)
+    ds = loaded.ds
+    fn = make_exchange_fn(loaded.model, reinit_blocks=sw.model.reinit_blocks)
+    for seed in sw.seeds:
         if seed in done:
             continue
         finals = load_finals(run, taus, seed)
@@ -156,16 +172,15 @@ def run_exchange(cfg, *, progress: bool = True):
                                               zip(SPLITS, (ds.train, ds.val, ds.test))})
         run.log("exchange", seed=int(seed), taus=taus, rows="head", cols="backbone",
                 **{f"{k}_acc": v.tolist() for k, v in mats.items()})
-    return run
 
 
 # --------------------------------------------------------------------------
 # Report
 
 
-def matrices(run, taus=None) -> dict[str, np.ndarray]:
+def matrices(run: RunDir, taus=None) -> dict[str, Any]:
     """Seed-averaged ``{split: acc (n, n)}`` from the logged ``exchange``
-    events (the latest τ list, or ``taus``), plus ``seeds``."""
+    events (the latest τ list, or ``taus``), plus ``taus`` and ``seeds``."""
     recs = [r for r in run.records("exchange") if taus is None or r["taus"] == list(taus)]
     if not recs:
         raise ValueError(f"{run.path} has no exchange records yet")
@@ -186,27 +201,22 @@ def markdown(mats: dict) -> str:
     parts = [f"Head exchange, accuracy (%), mean over seeds {mats['seeds']}. "
              "Rows: the head of HPτ-FT; columns: the backbone of HPτ-FT."]
     for s in SPLITS:
-        if s not in mats:
-            continue
-        a = mats[s]
-        head = "| head \\ backbone | " + " | ".join(f"τ={t}" for t in taus) + " |"
-        lines = [f"**{s}**", "", head, "|" + "---|" * (len(taus) + 1)]
-        for j, t in enumerate(taus):
-            lines.append(f"| τ={t} | " + " | ".join(f"{100 * v:.1f}" for v in a[j]) + " |")
-        parts.append("\n".join(lines))
+        if s in mats:
+            rows = ([f"τ={t}"] + [f"{100 * v:.1f}" for v in mats[s][j]]
+                    for j, t in enumerate(taus))
+            parts.append(f"**{s}**\n\n" + md_table(
+                ["head \\ backbone"] + [f"τ={t}" for t in taus], rows))
     return "\n\n".join(parts)
 
 
-def heatmaps(run, mats: dict) -> str:
+def heatmaps(run: RunDir, mats: dict) -> str:
     """Train and validation heat maps, annotated; returns the figure's path."""
-    from hpft_jax.report import _plt
-
-    plt = _plt()
     taus = mats["taus"]
     names = [s for s in ("train", "val") if s in mats]
     n = len(taus)
-    fig, axes = plt.subplots(1, len(names), figsize=(0.75 * n * len(names) + 2.5, 0.7 * n + 1.6),
-                             squeeze=False)
+    fig, axes = plt().subplots(1, len(names),
+                               figsize=(0.75 * n * len(names) + 2.5, 0.7 * n + 1.6),
+                               squeeze=False)
     for ax, s in zip(axes[0], names):
         a = 100 * mats[s]
         lo, hi = np.nanmin(a), max(np.nanmax(a), np.nanmin(a) + 1e-3)
@@ -222,52 +232,15 @@ def heatmaps(run, mats: dict) -> str:
         ax.set_title(f"{'training' if s == 'train' else 'validation'} accuracy (%)")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle("Head exchange (no further tuning); diagonal = original models")
-    fig.tight_layout()
-    path = run.figures("exchange.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(run, fig, "exchange.png")
 
 
-def report(run, *, write_figures: bool = True, out=print) -> str:
-    """Print and write ``exchange.md`` (and the heat maps) from the records."""
+def report(run: RunDir, *, figures: bool = True) -> tuple[list[str], list[str]]:
+    """``exchange.md``'s parts and ``figures/exchange.png``, from the records alone."""
     mats = matrices(run)
-    text = "# Head exchange: " + run.path + "\n\n" + markdown(mats)
-    if write_figures:
-        text += "\n\nFigure: " + os.path.relpath(heatmaps(run, mats), run.path)
-    with open(os.path.join(run.path, "exchange.md"), "w") as f:
-        f.write(text + "\n")
-    out(text)
-    return text
+    return ([f"# Head exchange: {run.path}", markdown(mats)],
+            [heatmaps(run, mats)] if figures else [])
 
 
-# --------------------------------------------------------------------------
-# CLI
-
-
-def _cmd(args: argparse.Namespace) -> None:
-    from hpft_jax import cli
-
-    cfg = cli.config_from_args(args)
-    cfg = dataclasses.replace(cfg, name=getattr(args, "name", None) or "exchange",
-                              seeds=cfg.seeds if hasattr(args, "seeds") else (0,))
-    cfg = exchange_config(cfg, taus=args.taus, n_taus=args.n_taus)
-    run = run_exchange(cfg, progress=not args.quiet)
-    report(run, write_figures=not args.no_figures)
-
-
-def add_parser(subparsers) -> None:
-    from hpft_jax import cli
-
-    p = subparsers.add_parser(
-        "exchange", help="head-exchange matrices between HPτ-FT models (Fig. 3, right)",
-        description=__doc__.split("\n\n")[0])
-    cli.add_config_flags(p)
-    p.add_argument("--taus", type=cli._ints, default=None,
-                   help="the exchange's τ values, e.g. 0,4,64,1024 (default: N_TAUS values "
-                        "spread over the --tau list); overrides --tau")
-    p.add_argument("--n-taus", type=int, default=7,
-                   help="how many τ to take from the --tau list when --taus is not given")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--no-figures", action="store_true")
-    p.set_defaults(fn=_cmd)
+EXPERIMENT = Experiment("exchange", ExchangeConfig, run, report, doc=__doc__,
+                        help="head-exchange matrices between HPτ-FT models (Fig. 3, right)")

@@ -1,7 +1,8 @@
 """``hpft tricks``: the advanced tricks of Sec. 5.3 (Tables 2, 3; App. C.2, Tables 5-8).
 
-Every case head-probes at one τ (the largest of the configured list: the
-paper's tables probe to convergence) and then finetunes everything:
+Every case head-probes at one τ (the largest of the ``--tau`` list, which
+is all that ``config.json`` keeps: the paper's tables probe to convergence)
+and then finetunes everything:
 
 * ``baseline``  linear head, η_HP = η_FT = 1, the whole pretrained backbone;
 * ``mlp_head``  a 2-layer MLP head (``--head-hidden`` wide) instead;
@@ -26,25 +27,35 @@ blocks, so z_0 is the feature of freshly initialised and head-probed blocks.
 
 Runs that share an architecture and η_FT finetune together under ``vmap``
 (baseline, lsHP with η_FT = 1 and every partial backbone are one program),
-unless ``--sequential``. Rerunning the same command skips logged runs.
+unless ``--sequential``. The pretrained backbone is the sweep's
+(:func:`hpft_jax.prepare.pretrained_for`, :func:`hpft_jax.prepare.base_variables`);
+HP runs once per head and partial backbone (:func:`hpft_jax.hp.probe`) and FT
+is :func:`hpft_jax.ft.finetune`. Rerunning the same command skips logged runs.
 
     hpft tricks                         # the digits toy, default config
     hpft tricks --tau 64 --seeds 0,1    # probe 64 epochs instead
+    hpft tricks --reinit 1,2 --name tricks_r12
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import math
-import os
 import shutil
-from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
-Tree = Any
+from hpft_jax import checkpoint, ft, hp, parallel, prepare
+from hpft_jax.config import SweepConfig
+from hpft_jax.experiment import Experiment, sweep_field
+from hpft_jax.flags import option
+from hpft_jax.models import make_classifier
+from hpft_jax.outputs import mean_std, md_table, plt, save_figure
+from hpft_jax.params import head_block_names
+from hpft_jax.prepare import RunKey
+from hpft_jax.runlog import RunDir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +87,7 @@ def make_cases(*, ls_eta: float = 0.9, reinit=(1, 2, 3)) -> list[Case]:
               reinit_blocks=int(k)) for k in reinit]
 
 
-def tricks_config(cfg, *, tau: int | None = None):
-    """``cfg`` with HP at one τ (default: the largest of ``cfg.hp.taus``)."""
-    tau = cfg.hp.taus[-1] if tau is None else int(tau)
-    return dataclasses.replace(cfg, hp=dataclasses.replace(cfg.hp, taus=(tau,)))
-
-
-def check_config(cfg) -> None:
+def check_sweep(cfg: SweepConfig) -> None:
     """The baseline row must be the plain setting; the cases vary it."""
     bad = []
     if cfg.model.head != "linear":
@@ -93,106 +98,112 @@ def check_config(cfg) -> None:
         bad.append("--eta-hp/--eta-ft other than 1 (set the smoothed η with --ls-eta)")
     if cfg.ls_eta is None:
         bad.append("--ls-eta none (the lsHP cases need η < 1)")
-    if len(cfg.hp.taus) != 1:
-        bad.append(f"several τ {cfg.hp.taus} (use tricks_config)")
     if bad:
         raise ValueError("hpft tricks sets these per case; remove: " + "; ".join(bad))
+
+
+@dataclasses.dataclass(frozen=True)
+class TricksConfig:
+    """``hpft tricks``; ``sweep`` supplies data, model, pretraining, HP, FT, seeds.
+
+    HP runs at one τ: the largest of ``sweep.hp.taus``, which is all the
+    config keeps. ``sweep.ls_eta`` is the smoothed η of the lsHP cases; the
+    head, ``reinit_blocks`` and the η's are set per case (the sweep's must be
+    the plain baseline). ``reinit``: the partial-backbone cases.
+    """
+
+    sweep: SweepConfig = sweep_field("tricks")
+    reinit: tuple[int, ...] = option(
+        (1, 2, 3), "partial-backbone cases: re-initialise the last k blocks, e.g. 1,2,3",
+        flag="--reinit")
+
+    def __post_init__(self):
+        check_sweep(self.sweep)
+        make_cases(ls_eta=self.sweep.ls_eta, reinit=self.reinit)  # raises on bad values
+        taus = self.sweep.hp.taus
+        if len(taus) > 1:
+            hp_cfg = dataclasses.replace(self.sweep.hp, taus=(taus[-1],))
+            object.__setattr__(self, "sweep", dataclasses.replace(self.sweep, hp=hp_cfg))
+
+
+def cases(cfg: TricksConfig) -> list[Case]:
+    return make_cases(ls_eta=cfg.sweep.ls_eta, reinit=cfg.reinit)
+
+
+def check(cfg: TricksConfig, loaded: prepare.Loaded) -> None:
+    """Every ``--reinit`` count must fit the backbone."""
+    n_blocks = loaded.model.backbone.num_blocks
+    if max(cfg.reinit, default=0) > n_blocks:
+        raise ValueError(f"--reinit {cfg.reinit}: the {cfg.sweep.model.backbone} backbone has "
+                         f"only {n_blocks} blocks")
 
 
 def _variant(eta: float) -> str:
     return f"eta={eta:g}"
 
 
-def _probe(cfg, run, model, skeleton, pre_vars, ds, k: int, etas, *, mesh, progress):
+def _probe(sw: SweepConfig, run: RunDir, model, pre_vars, ds, k: int, etas, *, mesh, progress):
     """HP snapshots at τ for a partial backbone of k blocks and each η_HP;
     saved under ``checkpoints/hp/<head>_reinit<k>`` and read back on reruns."""
-    from hpft_jax import checkpoint, hp
-    from hpft_jax.params import head_block_names, is_head_path, load_pretrained
-
-    blocks = head_block_names(model, k)
-    base, _ = load_pretrained(skeleton, {n: v for n, v in pre_vars.items() if v},
-                              reinit=lambda p: is_head_path(p, blocks))
-    path = run.checkpoints("hp", f"{cfg.model.head}_reinit{k}")
+    base, _ = prepare.base_variables(model, pre_vars, k, jnp.asarray(ds.train.x[:2]))
+    path = run.checkpoints("hp", f"{sw.model.head}_reinit{k}")
     _, _, fparams, fstats, split = hp.split_head(model, base, k)
     variants = {_variant(e): e for e in sorted(set(etas))}
     if checkpoint.exists(path):
         tree, meta = checkpoint.load_tree(path)
         if sorted(tree) == sorted(variants):
-            snaps = {(v, cfg.hp.taus[-1]): (t["params"], t.get("batch_stats", {}) or {})
+            snaps = {(v, sw.hp.taus[-1]): (t["params"], t.get("batch_stats", {}) or {})
                      for v, t in tree.items()}
             return hp.Probe(split, fparams, fstats, snaps, meta["records"])
-    probe = hp.probe(model, base, ds.train.x, ds.train.y, cfg.hp, seeds=list(cfg.seeds),
+    probe = hp.probe(model, base, ds.train.x, ds.train.y, sw.hp, seeds=list(sw.seeds),
                      variants=variants, reinit_blocks=k, num_classes=ds.num_classes,
-                     augment=cfg.data.augment, mesh=mesh, progress=progress)
-    tree = {v: {"params": p, **({"batch_stats": s} if s else {})}
-            for (v, _), (p, s) in probe.snapshots.items()}
-    checkpoint.save_tree(path, tree, {"records": probe.records, "blocks": list(blocks)})
+                     augment=sw.data.augment, mesh=mesh, progress=progress)
+    tree = {v: {"params": p, "batch_stats": s} for (v, _), (p, s) in probe.snapshots.items()}
+    checkpoint.save_tree(path, prepare.drop_empty(tree),
+                         {"records": probe.records, "blocks": list(head_block_names(model, k))})
     return probe
 
 
-def _init(probe, variant: str, tau: int, seed_index: int):
-    import jax
-
-    from hpft_jax.params import merge
-
-    p, s = probe.snapshots[(variant, tau)]
-    take = lambda t: jax.tree_util.tree_map(lambda a: a[seed_index], t)  # noqa: E731
-    return merge(probe.frozen_params, take(p)), merge(probe.frozen_stats, take(s))
-
-
-def run_tricks(cfg, *, reinit=(1, 2, 3), progress: bool = True):
-    """Run (or continue) every case; ``cfg`` from :func:`tricks_config`.
-    Returns the :class:`~hpft_jax.runlog.RunDir` (``runs/<name>``)."""
-    import jax.numpy as jnp
-
-    from hpft_jax import data as data_lib, ft, parallel, sweep
-    from hpft_jax.models import make_classifier
-    from hpft_jax.params import head_block_names
-    from hpft_jax.runlog import RunDir
-
-    check_config(cfg)
-    cases = make_cases(ls_eta=cfg.ls_eta, reinit=tuple(reinit))
-    n_blocks = make_classifier(cfg.model, 2).backbone.num_blocks
-    if max(reinit, default=0) > n_blocks:
-        raise ValueError(f"--reinit {tuple(reinit)}: the {cfg.model.backbone} backbone has "
-                         f"only {n_blocks} blocks")
-    run = RunDir(os.path.join(cfg.runs_dir, cfg.name))
-    run.write_config(cfg)
-    tau, seeds = cfg.hp.taus[-1], list(cfg.seeds)
+def run(cfg: TricksConfig, run: RunDir, loaded: prepare.Loaded, *,
+        progress: bool = True) -> None:
+    """Run (or continue) every case into ``run``; logged (case, seed) pairs are skipped."""
+    sw = cfg.sweep
+    all_cases = cases(cfg)
+    tau, seeds = sw.hp.taus[-1], list(sw.seeds)
     done = {(r["case"], r["seed"]) for r in run.records("trick") if r["tau"] == tau}
-    todo = [(c, s) for c in cases for s in seeds if (c.name, s) not in done]
+    todo = [(c, s) for c in all_cases for s in seeds if (c.name, s) not in done]
     if not todo:
-        return run
+        return
 
     mesh = parallel.data_mesh()
-    ds = data_lib.load_downstream(cfg.data)
-    pre_vars = sweep.pretrained_for(cfg, run, mesh=mesh, progress=progress)
-    data = sweep.split_arrays(ds)
-    order = {c.name: i for i, c in enumerate(cases)}
+    ds = loaded.ds
+    pre_vars = prepare.pretrained_for(sw, run, mesh=mesh, progress=progress)
+    data = prepare.split_arrays(ds)
+    order = {c.name: i for i, c in enumerate(all_cases)}
     for head in ("linear", "mlp"):
-        mcfg = dataclasses.replace(cfg.model, head=head)
-        hcfg = dataclasses.replace(cfg, model=mcfg)
+        mcfg = dataclasses.replace(sw.model, head=head)
+        hcfg = dataclasses.replace(sw, model=mcfg)
         model = make_classifier(mcfg, ds.num_classes)
         mine = [(c, s) for c, s in todo if c.head == head]
         if not mine:
             continue
-        skeleton = _skeleton(model, jnp.asarray(ds.train.x[:2]))
         probes = {}
         for k in sorted({c.reinit_blocks for c, _ in mine}):
-            etas = [c.eta_hp for c in cases if c.head == head and c.reinit_blocks == k]
-            probes[k] = _probe(hcfg, run, model, skeleton, pre_vars, ds, k, etas, mesh=mesh,
+            etas = [c.eta_hp for c in all_cases if c.head == head and c.reinit_blocks == k]
+            probes[k] = _probe(hcfg, run, model, pre_vars, ds, k, etas, mesh=mesh,
                                progress=progress)
         for eta_ft in sorted({c.eta_ft for c, _ in mine}, reverse=True):
             group = [(c, s) for c, s in mine if c.eta_ft == eta_ft]
-            batches = [group] if cfg.vmap else [[r] for r in group]
-            ft_cfg = dataclasses.replace(cfg.ft, eta=eta_ft)
+            batches = [group] if sw.vmap else [[r] for r in group]
+            ft_cfg = dataclasses.replace(sw.ft, eta=eta_ft)
             for batch in batches:
-                inits = [_init(probes[c.reinit_blocks], _variant(c.eta_hp), tau, seeds.index(s))
+                inits = [prepare.ft_inits(probes[c.reinit_blocks],
+                                          [RunKey(_variant(c.eta_hp), s, tau)], seeds)[0]
                          for c, s in batch]
                 gid = hashlib.sha256(repr([(c.name, s) for c, s in batch]).encode()).hexdigest()[:12]
                 results, _ = ft.finetune(
                     model, ft_cfg, inits, [s for _, s in batch], data, ds.train.x, ds.train.y,
-                    num_classes=ds.num_classes, augment=cfg.data.augment, mesh=mesh,
+                    num_classes=ds.num_classes, augment=sw.data.augment, mesh=mesh,
                     ckpt_dir=run.checkpoints("ft", gid), progress=progress,
                     names=[f"{c.name} seed={s}" for c, s in batch])
                 for (c, s), res in zip(batch, results):
@@ -208,18 +219,6 @@ def run_tricks(cfg, *, reinit=(1, 2, 3), progress: bool = True):
                             hp_train_loss=hp_rec["hp_train_loss"], aie_hp=hp_rec["aie_hp"],
                             **res)
                 shutil.rmtree(run.checkpoints("ft", gid), ignore_errors=True)
-    return run
-
-
-def _skeleton(model, x_example):
-    """The model's variables as zeros: only their structure matters, since
-    head probing replaces every re-initialised leaf with its own fresh,
-    seeded initialisation (:func:`hpft_jax.hp.init_heads`). Tracing only,
-    no compilation."""
-    import jax
-
-    shapes = jax.eval_shape(lambda k: model.init(k, x_example, train=False), jax.random.key(0))
-    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 # --------------------------------------------------------------------------
@@ -234,12 +233,7 @@ COLUMNS = (  # (key, header, scale, format)
 )
 
 
-def _ms(xs) -> tuple[float, float]:
-    a = np.asarray([x for x in xs if x is not None], dtype=float)
-    return (math.nan, math.nan) if a.size == 0 else (float(a.mean()), float(a.std()))
-
-
-def summarize(run, tau: int | None = None) -> dict[str, dict]:
+def summarize(run: RunDir, tau: int | None = None) -> dict[str, dict]:
     """Per case (table order): its settings and mean/std over seeds."""
     recs = [r for r in run.records("trick") if tau is None or r["tau"] == tau]
     if not recs:
@@ -253,12 +247,12 @@ def summarize(run, tau: int | None = None) -> dict[str, dict]:
         row = {k: rs[0][k] for k in ("label", "head", "eta_hp", "eta_ft", "reinit_blocks",
                                      "reinit_names", "tau")}
         row["seeds"] = [r["seed"] for r in rs]
-        row["hp_train_acc"] = _ms(r["hp_train_acc"] for r in rs)
-        row["one_minus_cos"] = _ms(1.0 - r["adapt"]["cos"] for r in rs)
-        row["dist_sq"] = _ms(r["adapt"]["dist_sq"] for r in rs)
-        row["val_acc"] = _ms(r["val_acc"] for r in rs)
-        row["test_acc"] = _ms(r["test_acc"] for r in rs)
-        row["aie"] = _ms(r["aie"] for r in rs)
+        row["hp_train_acc"] = mean_std(r["hp_train_acc"] for r in rs)
+        row["one_minus_cos"] = mean_std(1.0 - r["adapt"]["cos"] for r in rs)
+        row["dist_sq"] = mean_std(r["adapt"]["dist_sq"] for r in rs)
+        row["val_acc"] = mean_std(r["val_acc"] for r in rs)
+        row["test_acc"] = mean_std(r["test_acc"] for r in rs)
+        row["aie"] = mean_std(r["aie"] for r in rs)
         out[name] = row
     return out
 
@@ -266,26 +260,24 @@ def summarize(run, tau: int | None = None) -> dict[str, dict]:
 def table(summary: dict) -> str:
     """Markdown: one row per case, mean ± std over seeds."""
     head = ["case", "head", "η_HP", "η_FT", "re-initialised"] + [h for _, h, _, _ in COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, row in summary.items():
-        cells = [name, row["head"], f"{row['eta_hp']:g}", f"{row['eta_ft']:g}",
-                 ", ".join(row["reinit_names"]) or "–"]
+
+    def row(name, r):
+        cells = [name, r["head"], f"{r['eta_hp']:g}", f"{r['eta_ft']:g}",
+                 ", ".join(r["reinit_names"]) or "–"]
         for key, _, scale, fmt in COLUMNS:
-            m, s = row[key]
+            m, s = r[key]
             cells.append("n/a" if math.isnan(m) else
                          f"{fmt.format(scale * m)} ± {fmt.format(scale * s)}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        return cells
+
+    return md_table(head, (row(n, r) for n, r in summary.items()))
 
 
-def figure(run, summary: dict) -> str:
+def figure(run: RunDir, summary: dict) -> str:
     """Grouped bars, one panel per table column; returns the path."""
-    from hpft_jax.report import _plt
-
-    plt = _plt()
     names = list(summary)
-    fig, axes = plt.subplots(1, 4, figsize=(3.2 * 4, 3.6))
-    colors = plt.cm.tab10(np.arange(len(names)) % 10)
+    fig, axes = plt().subplots(1, 4, figsize=(3.2 * 4, 3.6))
+    colors = plt().cm.tab10(np.arange(len(names)) % 10)
     for ax, (key, header, scale, _) in zip(axes, COLUMNS[:4]):
         m = np.array([summary[n][key][0] for n in names]) * scale
         s = np.array([summary[n][key][1] for n in names]) * scale
@@ -298,51 +290,21 @@ def figure(run, summary: dict) -> str:
         ax.grid(axis="y", alpha=0.3)
     tau = next(iter(summary.values()))["tau"]
     fig.suptitle(f"Advanced tricks: HP τ = {tau} epochs, then FT (mean ± std over seeds)")
-    fig.tight_layout()
-    path = run.figures("tricks.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(run, fig, "tricks.png")
 
 
-def report(run, *, write_figures: bool = True, out=print) -> str:
-    """Print and write ``tricks.md`` (and the figure) from the records."""
+def report(run: RunDir, *, figures: bool = True) -> tuple[list[str], list[str]]:
+    """``tricks.md``'s parts and ``figures/tricks.png``, from the records alone."""
     summary = summarize(run)
     tau = next(iter(summary.values()))["tau"]
-    text = (f"# Advanced tricks: {run.path}\n\nHP for τ = {tau} epochs, then FT; "
-            "mean ± std over seeds; τ and every FT setting shared by all rows. "
-            "z is the head's input (penultimate features) on the training inputs.\n\n"
-            + table(summary))
-    if write_figures:
-        text += "\n\nFigure: " + os.path.relpath(figure(run, summary), run.path)
-    with open(os.path.join(run.path, "tricks.md"), "w") as f:
-        f.write(text + "\n")
-    out(text)
-    return text
+    parts = [f"# Advanced tricks: {run.path}",
+             (f"HP for τ = {tau} epochs, then FT; mean ± std over seeds; τ and every FT "
+              "setting shared by all rows. z is the head's input (penultimate features) on "
+              "the training inputs."),
+             table(summary)]
+    return parts, [figure(run, summary)] if figures else []
 
 
-# --------------------------------------------------------------------------
-# CLI
-
-
-def _cmd(args: argparse.Namespace) -> None:
-    from hpft_jax import cli
-
-    cfg = cli.config_from_args(args)
-    cfg = tricks_config(dataclasses.replace(cfg, name=getattr(args, "name", None) or "tricks"))
-    run = run_tricks(cfg, reinit=args.reinit, progress=not args.quiet)
-    report(run, write_figures=not args.no_figures)
-
-
-def add_parser(subparsers) -> None:
-    from hpft_jax import cli
-
-    p = subparsers.add_parser(
-        "tricks", help="MLP head, lsHP (η_HP, η_FT) cases, partial backbone (Tables 2, 3, 5-8)",
-        description=__doc__.split("\n\n")[0])
-    cli.add_config_flags(p)
-    p.add_argument("--reinit", type=cli._ints, default=(1, 2, 3),
-                   help="partial-backbone cases: re-initialise the last k blocks, e.g. 1,2,3")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--no-figures", action="store_true")
-    p.set_defaults(fn=_cmd)
+EXPERIMENT = Experiment("tricks", TricksConfig, run, report, check=check, doc=__doc__,
+                        help="MLP head, lsHP (η_HP, η_FT) cases, partial backbone "
+                             "(Tables 2, 3, 5-8)")
