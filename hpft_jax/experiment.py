@@ -100,7 +100,7 @@ class Experiment:
 
     # -- running
     def run_dir(self, cfg) -> RunDir:
-        return RunDir(os.path.join(cfg.sweep.runs_dir, cfg.sweep.name))
+        return RunDir(os.path.join(cfg.sweep.runs_dir, cfg.sweep.name), tuple(cfg.sweep.shard))
 
     def execute(self, cfg, *, progress: bool = True) -> RunDir:
         """Check, write ``config.json``, run (or continue); returns the run directory."""

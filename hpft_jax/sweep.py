@@ -36,7 +36,8 @@ def batch_groups(todo: list[RunKey], cfg: config_lib.SweepConfig) -> list[list[R
     return [todo[i:i + size] for i in range(0, len(todo), size)]
 
 
-def _group_id(keys: list[RunKey]) -> str:
+def group_id(keys) -> str:
+    """A short stable id of a group of FT runs (its checkpoint directory name)."""
     return hashlib.sha256(repr(sorted(keys)).encode()).hexdigest()[:12]
 
 
@@ -62,7 +63,7 @@ def finetune_runs(prep: prep_lib.Prepared, run: RunDir, *, progress: bool = True
     for gi, group in enumerate(g for g in batch_groups(todo, cfg) if g):
         if stop_after_groups is not None and gi >= stop_after_groups:
             raise KeyboardInterrupt(f"stopped after {gi} FT groups (test hook)")
-        gid = _group_id(group)
+        gid = group_id(group)
         results, final = ft.finetune(
             prep.model, cfg.ft, prep.inits(group), [k.seed for k in group], data,
             ds.train.x, ds.train.y, num_classes=ds.num_classes, augment=cfg.data.augment,

@@ -40,14 +40,13 @@ is :func:`hpft_jax.ft.finetune`. Rerunning the same command skips logged runs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import shutil
 
 import jax.numpy as jnp
 import numpy as np
 
-from hpft_jax import checkpoint, ft, hp, parallel, prepare
+from hpft_jax import checkpoint, ft, hp, parallel, prepare, sweep
 from hpft_jax.config import SweepConfig
 from hpft_jax.experiment import Experiment, sweep_field
 from hpft_jax.flags import option
@@ -200,7 +199,7 @@ def run(cfg: TricksConfig, run: RunDir, loaded: prepare.Loaded, *,
                 inits = [prepare.ft_inits(probes[c.reinit_blocks],
                                           [RunKey(_variant(c.eta_hp), s, tau)], seeds)[0]
                          for c, s in batch]
-                gid = hashlib.sha256(repr([(c.name, s) for c, s in batch]).encode()).hexdigest()[:12]
+                gid = sweep.group_id([(c.name, s) for c, s in batch])
                 results, _ = ft.finetune(
                     model, ft_cfg, inits, [s for _, s in batch], data, ds.train.x, ds.train.y,
                     num_classes=ds.num_classes, augment=sw.data.augment, mesh=mesh,
