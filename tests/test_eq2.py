@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from _toy import blobs
 from hpft_jax import config as C, ft, rng, steps
@@ -98,8 +99,6 @@ def test_prediction_equals_jvp_along_the_real_update(x64, checkers, head, eta):
 
 def test_logged_terms_match_explicit_jacobians(x64, checkers):
     """energy, direction, kernel and the Cauchy-Schwarz bound from J₁J₂ᵀ by hand."""
-    from jax.flatten_util import ravel_pytree
-
     model, params, xp, xb, yb = _setup("linear")
     out = eq2.check_state(checkers["linear"], params, {}, xp, xb, yb, (0.037, 0.1),
                           num_classes=K, eta=1.0, dtype="float64", arrays=True)
