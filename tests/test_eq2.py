@@ -8,19 +8,26 @@
   relative error ~10x.
 * ∇_z q of an MLP head is the per-sample Jacobian (against the closed form
   and the diagonal blocks of a batched jacrev); of a linear head, the kernelᵀ.
+* The FT state at step t is the sweep's FT (ft.make_ft_steps against
+  steps.make_epoch).
 * A tiny end-to-end run writes records, table and figure, and a rerun adds
-  nothing. Bad input raises ValueError.
+  nothing. config.json holds every setting and a changed one is refused;
+  bad input raises ValueError, or exits 2 with nothing written.
 """
 
+import dataclasses
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from _toy import blobs
-from hpft_jax import config as C, steps
+from hpft_jax import config as C, ft, rng, steps
 from hpft_jax.cli import main
 from hpft_jax.experiments import eq2
 from hpft_jax.models import make_classifier
@@ -92,8 +99,6 @@ def test_prediction_equals_jvp_along_the_real_update(x64, checkers, head, eta):
 
 def test_logged_terms_match_explicit_jacobians(x64, checkers):
     """energy, direction, kernel and the Cauchy-Schwarz bound from J₁J₂ᵀ by hand."""
-    from jax.flatten_util import ravel_pytree
-
     model, params, xp, xb, yb = _setup("linear")
     out = eq2.check_state(checkers["linear"], params, {}, xp, xb, yb, (0.037, 0.1),
                           num_classes=K, eta=1.0, dtype="float64", arrays=True)
@@ -184,26 +189,28 @@ def test_direction_linear_head_is_kernel_transpose(x64):
     np.testing.assert_allclose(jac, np.broadcast_to(w.T, (4, K, 8)), atol=1e-15)
 
 
-def test_ft_advance_matches_the_sweeps_epochs():
-    """t steps of make_ft_advance = the FT epochs of hpft_jax.ft (same order, keys)."""
-    from hpft_jax import hp
-
+def test_ft_steps_match_the_sweeps_epochs():
+    """t steps of ft.make_ft_steps (the FT eq2 runs) = the FT epochs of
+    steps.make_epoch (same order, keys); step s's batch is its indices."""
     model = _model("linear", "float32")
     x, y = blobs(40, k=K, shape=(2, 2, 1))
     v = {"params": jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32),
                                           _host_setup("linear")[1])}
     ft_cfg = C.FTConfig(epochs=3, lr=0.05, batch_size=16)
-    tx, advance = eq2.make_ft_advance(model, ft_cfg, num_classes=K, num_train=40)
-    key = hp.seed_key(0, hp.FT_DATA)
-    s0 = steps.init_state(v["params"], {}, tx)
-    step = steps.make_train_step(model, tx, num_classes=K, eta=1.0)
+    fts = ft.make_ft_steps(model, ft_cfg, num_classes=K, num_train=40)
+    assert fts.num_batches == 2 and fts.total_steps == 6
+    key = rng.seed_key(0, rng.FT_DATA)
+    step = steps.make_train_step(model, fts.tx, num_classes=K, eta=1.0)
     epoch = jax.jit(steps.make_epoch(step, batch_size=16, num_examples=40))
     xs, ys = jnp.asarray(x), jnp.asarray(y)
-    want, _ = epoch(s0, xs, ys, key, 0)
+    want, _ = epoch(steps.init_state(v["params"], {}, fts.tx), xs, ys, key, 0)
     want, _ = epoch(want, xs, ys, key, 1)
-    got = advance(advance(s0, xs, ys, key, 0, 3), xs, ys, key, 3, 4)  # 2 batches/epoch
+    got, _ = fts.run(steps.init_state(v["params"], {}, fts.tx), xs, ys, key, 0, 3)
+    got, _ = fts.run(got, xs, ys, key, 3, 4)  # 2 batches/epoch
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                            got.params, want.params)
+    np.testing.assert_array_equal(fts.batch(key, 3),
+                                  np.asarray(steps.epoch_indices(key, 1, 40, 16))[1])
 
 
 def test_relative_errors_and_slope():
@@ -221,16 +228,18 @@ def test_relative_errors_and_slope():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(steps=()), "step list is empty"),
-    (dict(steps=(3, 1)), "strictly increasing"),
-    (dict(steps=(-1, 2)), "non-negative"),
-    (dict(steps=(0.5,)), "non-negative integers"),
+    (dict(at_steps=()), "step list is empty"),
+    (dict(at_steps=(3, 1)), "strictly increasing"),
+    (dict(at_steps=(-1, 2)), "non-negative"),
+    (dict(at_steps=(0.5,)), "non-negative integers"),
     (dict(gammas=(1e-2, 0.0)), "γ must be"),
     (dict(gammas=(-1e-3,)), "γ must be"),
     (dict(gammas=(float("nan"),)), "γ must be"),
     (dict(gammas=()), "γ list is empty"),
     (dict(n_probe=0), "n_probe"),
     (dict(probe_split="holdout"), "probe_split"),
+    (dict(check_dtype="float16"), "'float64' or 'float32'"),
+    (dict(sweep=C.SweepConfig(ls_eta=0.9)), "ls_eta must be None"),
 ])
 def test_bad_config_raises(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -238,17 +247,18 @@ def test_bad_config_raises(kw, match):
 
 
 def test_bad_sizes_raise():
-    ft = C.FTConfig(epochs=2, batch_size=16)
+    ft_cfg = C.FTConfig(epochs=2, batch_size=16)
     with pytest.raises(ValueError, match="n_probe=50 probes requested but the train split has "
                                          "only 40"):
-        eq2.check_sizes(eq2.Eq2Config(n_probe=50, steps=(0,)), ft, num_train=40,
+        eq2.check_sizes(eq2.Eq2Config(n_probe=50, at_steps=(0,)), ft_cfg, num_train=40,
                         num_probe_pool=40)
     with pytest.raises(ValueError, match=r"FT steps \[4\] are past the FT schedule"):
-        eq2.check_sizes(eq2.Eq2Config(steps=(0, 4)), ft, num_train=40, num_probe_pool=40)
+        eq2.check_sizes(eq2.Eq2Config(at_steps=(0, 4)), ft_cfg, num_train=40, num_probe_pool=40)
     with pytest.raises(ValueError, match="exceeds the FT batch size"):
-        eq2.check_sizes(eq2.Eq2Config(steps=(0,), n_batch=17), ft, num_train=40,
+        eq2.check_sizes(eq2.Eq2Config(at_steps=(0,), n_batch=17), ft_cfg, num_train=40,
                         num_probe_pool=40)
-    assert eq2.check_sizes(eq2.Eq2Config(steps=(0, 3)), ft, num_train=40, num_probe_pool=40) == 16
+    assert eq2.check_sizes(eq2.Eq2Config(at_steps=(0, 3)), ft_cfg, num_train=40,
+                           num_probe_pool=40) == 16
 
 
 # --------------------------------------------------------------------------
@@ -275,9 +285,7 @@ def test_end_to_end_writes_records_and_figure_and_resumes(tmp_path_factory):
         assert r["rel_err_smooth"][-1] < 1e-2  # γ = 1e-4: first order
         assert r["energy"] > 0 and r["direction"] > 0 and r["kernel"] > 0
     # the check's batch is FT step t's batch (the run's FT data key, 3 batches/epoch)
-    from hpft_jax import hp
-
-    key = hp.seed_key(0, hp.FT_DATA)
+    key = rng.seed_key(0, rng.FT_DATA)
     for r in recs:
         e, i = divmod(r["step"], r["n_batches_per_epoch"])
         want = np.asarray(steps.epoch_indices(key, e, r["n_train"], 64))[i]
@@ -293,6 +301,66 @@ def test_end_to_end_writes_records_and_figure_and_resumes(tmp_path_factory):
     assert len(list(run.records())) == n
 
 
-def test_cli_bad_gamma_exits_2(tmp_path, capsys):
-    assert main(["eq2", "--runs-dir", str(tmp_path), "--gammas", "1e-2,0", "--quiet"]) == 2
-    assert "γ must be a finite number > 0" in capsys.readouterr().err
+# --------------------------------------------------------------------------
+# Configuration: every setting in config.json; bad flags write nothing
+
+EXTRAS = ["--at-steps", "0,3", "--gammas", "1e-2,1e-3", "--n-probe", "5", "--n-batch", "8",
+          "--probe-split", "val", "--check-dtype", "float32", "--ntk-method", "jacobian"]
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    """``hpft eq2`` with the experiment itself replaced by a recorder: the
+    framework's flags, checks and config.json stay real."""
+    calls = []
+    monkeypatch.setattr(eq2, "EXPERIMENT", dataclasses.replace(
+        eq2.EXPERIMENT, runner=lambda cfg, run, loaded, **kw: calls.append(cfg),
+        reporter=lambda run, **kw: (["stub"], [])))
+    return calls
+
+
+def test_config_json_round_trips_the_extras_and_a_changed_one_is_refused(
+        tmp_path, stub, capsys):
+    argv = ["eq2", "--runs-dir", str(tmp_path), "--name", "e", "--tau", "0,2", "--quiet",
+            "--no-figures"]
+    assert main(argv + EXTRAS) == 0
+    (cfg,) = stub
+    assert (cfg.at_steps, cfg.gammas, cfg.n_probe, cfg.n_batch, cfg.probe_split,
+            cfg.check_dtype, cfg.ntk_method) == ((0, 3), (1e-2, 1e-3), 5, 8, "val", "float32",
+                                                 "jacobian")
+    assert cfg.sweep.hp.taus == (0, 2) and cfg.sweep.seeds == (0,) and cfg.sweep.ls_eta is None
+    path = tmp_path / "e" / "config.json"
+    saved = json.loads(path.read_text())
+    assert saved["n_probe"] == 5 and saved["check_dtype"] == "float32"
+    assert C.from_dict(eq2.Eq2Config, saved) == cfg
+    # --config alone reproduces the run's config (and continuing it is allowed)
+    assert main(["eq2", "--config", str(path), "--quiet", "--no-figures"]) == 0
+    assert stub[1] == cfg
+    # the same --name with one extra changed is refused, and nothing runs
+    changed = [("6" if a == "5" else a) for a in EXTRAS]
+    assert main(argv + changed) == 2
+    assert "different config" in capsys.readouterr().err and len(stub) == 2
+    assert json.loads(path.read_text()) == saved
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--gammas", "1e-2,0"], "γ must be a finite number > 0"),
+    (["--at-steps", "2,1"], "strictly increasing"),
+    (["--n-probe", "100000"], "n_probe=100000 probes requested"),
+    (["--at-steps", "0,100000"], "past the FT schedule"),
+    (["--n-batch", "100000"], "exceeds the FT batch size"),
+    (["--probe-split", "holdout"], "probe_split must be one of"),
+    (["--check-dtype", "float16"], "'float64' or 'float32'"),
+    (["--ls-eta", "0.9"], "ls_eta must be None"),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, stub, capsys, extra, match):
+    assert main(["eq2", "--runs-dir", str(tmp_path), "--name", "e", "--quiet", *extra]) == 2
+    assert match in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "e") and stub == []
+
+
+def test_cli_unparsable_flag_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eq2", "--runs-dir", str(tmp_path), "--gammas", "big"])
+    assert e.value.code == 2 and "comma-separated numbers" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

@@ -1,8 +1,12 @@
 """hpft prop1 (Prop. 1, Sec. 4.1, App. A Eqs. 11-23): constants against
-independent computations, the bound on a near-tight real FT run, end to end."""
+independent computations, the bound on a near-tight real FT run, end to end;
+config.json holds every setting and a changed one is refused; bad input
+raises ValueError, or exits 2 with nothing written."""
 
 import dataclasses
+import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +15,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from _toy import init_vars, tiny_model
-from hpft_jax import config as C, ft, steps
+from hpft_jax import config as C, ft, rng, steps
 from hpft_jax.cli import main
 from hpft_jax.experiments import prop1
 from hpft_jax.models import make_classifier
@@ -216,20 +220,87 @@ def test_end_to_end_writes_records_and_figure_and_rerun_skips(tmp_path_factory):
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: prop1.probe_indices(10, 0), "n_probes"),
-    (lambda: prop1.probe_indices(10, 11), "exceeds"),
+    (lambda: prop1.Prop1Config(n_probes=0), "n_probes must be a positive integer"),
+    (lambda: prop1.check(prop1.Prop1Config(n_probes=11), types.SimpleNamespace(num_train=10)),
+     "n_probes=11 exceeds the 10 training samples"),
+    (lambda: prop1.Prop1Config(spec_pairs=-1), "spec_pairs"),
+    (lambda: prop1.Prop1Config(sweep=C.SweepConfig(ls_eta=0.9)), "HP only"),
+    (lambda: prop1.Prop1Config(sweep=dataclasses.replace(C.SweepConfig(ls_eta=None),
+                                                         shard=(0, 2))), "unsharded"),
     (lambda: prop1.offdiag_pairs(5, -1), "spec_pairs"),
     (lambda: prop1.lr_sum([0.1, 0.1], 1.0), "momentum"),
     (lambda: prop1.lr_sums(C.FTConfig(), 100, -1), "best_epoch"),
     (lambda: prop1.gather_blocks(jnp.zeros((3, 2, 4, 4)), [], []), r"\(N, N, h, h\)"),
     (lambda: prop1.head_norm({"out": {"bias": np.zeros(2)}}), "no Dense kernel"),
-    (lambda: prop1.run_prop1(dataclasses.replace(C.SweepConfig(), ls_eta=0.9)), "HP only"),
 ])
 def test_bad_input_raises_clear_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
 
 
-def test_cli_reports_bad_probe_count(tmp_path, capsys):
-    assert main(["prop1", "--runs-dir", str(tmp_path), "--n-probes", "0", "--quiet"]) == 2
-    assert "n_probes" in capsys.readouterr().err
+def test_probe_draw_is_the_seeded_subset():
+    """The probes are rng.probe_indices(seed=probe_seed): the numbers of the
+    draw prop1 made before the framework (default_rng(seed).choice, sorted)."""
+    want = np.sort(np.random.default_rng(3).choice(100, 8, replace=False))
+    np.testing.assert_array_equal(rng.probe_indices(100, 8, seed=3, what="n_probes"), want)
+
+
+# --------------------------------------------------------------------------
+# Configuration: every setting in config.json; bad flags write nothing
+
+EXTRAS = ["--n-probes", "7", "--probe-seed", "3", "--spec-pairs", "all",
+          "--ntk-method", "jacobian"]
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    """``hpft prop1`` with the experiment itself replaced by a recorder: the
+    framework's flags, checks and config.json stay real."""
+    calls = []
+    monkeypatch.setattr(prop1, "EXPERIMENT", dataclasses.replace(
+        prop1.EXPERIMENT, runner=lambda cfg, run, loaded, **kw: calls.append(cfg),
+        reporter=lambda run, **kw: (["stub"], [])))
+    return calls
+
+
+def test_config_json_round_trips_the_extras_and_a_changed_one_is_refused(
+        tmp_path, stub, capsys):
+    argv = ["prop1", "--runs-dir", str(tmp_path), "--name", "p", "--tau", "0,4", "--quiet",
+            "--no-figures"]
+    assert main(argv + EXTRAS) == 0
+    (cfg,) = stub
+    assert (cfg.n_probes, cfg.probe_seed, cfg.spec_pairs, cfg.ntk_method) == (7, 3, None,
+                                                                               "jacobian")
+    assert cfg.sweep.hp.taus == (0, 4) and cfg.sweep.seeds == (0, 1) and cfg.sweep.ls_eta is None
+    path = tmp_path / "p" / "config.json"
+    saved = json.loads(path.read_text())
+    assert saved["n_probes"] == 7 and saved["spec_pairs"] is None
+    assert C.from_dict(prop1.Prop1Config, saved) == cfg
+    # --config alone reproduces the run's config (and continuing it is allowed)
+    assert main(["prop1", "--config", str(path), "--quiet", "--no-figures"]) == 0
+    assert stub[1] == cfg
+    # the same --name with --n-probes changed is refused, and nothing runs
+    changed = [("9" if a == "7" else a) for a in EXTRAS]
+    assert main(argv + changed) == 2
+    assert "different config" in capsys.readouterr().err and len(stub) == 2
+    assert json.loads(path.read_text()) == saved
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--n-probes", "0"], "n_probes must be a positive integer"),
+    (["--n-probes", "100000"], "n_probes=100000 exceeds the"),
+    (["--spec-pairs", "-1"], "spec_pairs"),
+    (["--ls-eta", "0.9"], "HP only"),
+    (["--shard", "0/2"], "unsharded"),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, stub, capsys, extra, match):
+    assert main(["prop1", "--runs-dir", str(tmp_path), "--name", "p", "--quiet", *extra]) == 2
+    assert match in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "p") and stub == []
+
+
+def test_cli_unparsable_spec_pairs_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prop1", "--runs-dir", str(tmp_path), "--spec-pairs", "many"])
+    assert e.value.code == 2 and "an integer or 'all'" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

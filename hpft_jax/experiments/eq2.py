@@ -47,43 +47,63 @@ Eq. 8 bounds with ‖q − e_y‖ (the MSE residual) where cross-entropy has
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import os
 import time
 from typing import Any, Callable
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from hpft_jax import ft, prepare, steps
+from hpft_jax.config import SweepConfig
+from hpft_jax.experiment import Experiment, sweep_field
+from hpft_jax.flags import option
+from hpft_jax.models import MLPBackbone, make_classifier
+from hpft_jax.outputs import md_table, plt, save_figure
+from hpft_jax.progress import bar
+from hpft_jax.rng import FT_DATA, probe_indices, seed_key
+from hpft_jax.runlog import RunDir
+from theory.ntk import empirical_ntk_fn
 
 Tree = Any
 DEFAULT_TAUS = (0, 16, 1024)
+DEFAULT_STEPS = (0, 10, 50)
 DEFAULT_GAMMAS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
 PROBE_SPLITS = ("train", "val", "test")
+DTYPES = ("float64", "float32")
 _PROBE_TAG = 7  # folded into the seed: the probe draw
 
 
 @dataclasses.dataclass(frozen=True)
 class Eq2Config:
-    """What the check measures; the sweep config supplies data, model, HP, FT.
+    """``hpft eq2``; ``sweep`` supplies data, model, pretraining, HP, FT, seeds.
 
-    steps: FT steps t at which to check (the state after t FT steps);
+    ``sweep.hp.taus``: the HP snapshots to check; ``ls_eta`` must be None
+    (no lsHP), ``sweep.ft.patience`` is unused (no early stopping).
+    at_steps: FT steps t at which to check (the state after t FT steps);
     gammas: the plain-SGD learning rates γ of the one step;
     n_probe: P probe inputs (fixed per seed, from ``probe_split``);
     n_batch: N, the first N examples of FT step t's batch (None: all of it);
-    dtype: "float64" (model and check in float64) or "float32".
+    check_dtype: "float64" (model and check in float64) or "float32".
     """
 
-    steps: tuple[int, ...] = (0, 10, 50)
-    gammas: tuple[float, ...] = DEFAULT_GAMMAS
-    n_probe: int = 16
-    n_batch: int | None = None
-    probe_split: str = "train"
-    dtype: str = "float64"
-    ntk_method: str = "auto"
+    sweep: SweepConfig = sweep_field("eq2", seeds=(0,), taus=DEFAULT_TAUS, ls_eta=None)
+    at_steps: tuple[int, ...] = option(DEFAULT_STEPS, "FT steps t at which to check, e.g. 0,10,50")
+    gammas: tuple[float, ...] = option(
+        DEFAULT_GAMMAS, "γ of the one plain SGD step, e.g. 1e-1,1e-2,1e-3,1e-4")
+    n_probe: int = option(16, "P probe inputs")
+    n_batch: int | None = option(
+        None, "N: the first N examples of FT step t's batch (default None: all of it)")
+    probe_split: str = option("train", f"where the probes come from: {' | '.join(PROBE_SPLITS)}")
+    check_dtype: str = option("float64", "precision of the check: float64 | float32 (the FT "
+                              "trajectory stays in the model's dtype)")
+    ntk_method: str = option("auto", "theory.ntk method: auto | structured | vjp_jvp | jacobian")
 
     def __post_init__(self):
-        st = tuple(self.steps)
+        st = tuple(self.at_steps)
         if not st:
             raise ValueError("the step list is empty: give FT steps, e.g. --at-steps 0,10,50")
         if any(isinstance(s, bool) or int(s) != s or s < 0 for s in st):
@@ -103,20 +123,15 @@ class Eq2Config:
             raise ValueError(f"n_batch must be a positive integer or None; got {self.n_batch}")
         if self.probe_split not in PROBE_SPLITS:
             raise ValueError(f"probe_split must be one of {PROBE_SPLITS}; got {self.probe_split!r}")
-        if self.dtype not in ("float64", "float32"):
-            raise ValueError(f"dtype must be 'float64' or 'float32'; got {self.dtype!r}")
-
-
-def eq2_sweep_config(cfg, *, taus=None):
-    """``cfg`` with HP only (no lsHP) at ``taus`` (default: ``cfg.hp.taus``)."""
-    hp = cfg.hp if taus is None else dataclasses.replace(cfg.hp, taus=tuple(taus))
-    return dataclasses.replace(cfg, hp=hp, ls_eta=None)
+        if self.check_dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'float64' or 'float32'; got {self.check_dtype!r}")
+        if self.sweep.ls_eta is not None:
+            raise ValueError("hpft eq2 runs HP only: ls_eta must be None "
+                             f"(remove --ls-eta); got {self.sweep.ls_eta}")
 
 
 def check_sizes(e2: Eq2Config, ft_cfg, *, num_train: int, num_probe_pool: int) -> int:
     """Validate the check against the data and FT schedule; returns N."""
-    from hpft_jax import steps
-
     if e2.n_probe > num_probe_pool:
         raise ValueError(f"n_probe={e2.n_probe} probes requested but the {e2.probe_split} "
                          f"split has only {num_probe_pool} examples")
@@ -129,7 +144,7 @@ def check_sizes(e2: Eq2Config, ft_cfg, *, num_train: int, num_probe_pool: int) -
         raise ValueError(f"FT batch size {ft_cfg.batch_size} exceeds the {num_train} "
                          "training examples")
     total = ft_cfg.epochs * nb
-    bad = [s for s in e2.steps if s >= total]
+    bad = [s for s in e2.at_steps if s >= total]
     if bad:
         raise ValueError(f"FT steps {bad} are past the FT schedule: {ft_cfg.epochs} epochs x "
                          f"{nb} batches = {total} steps (use steps < {total})")
@@ -142,9 +157,6 @@ def check_sizes(e2: Eq2Config, ft_cfg, *, num_train: int, num_probe_pool: int) -
 
 def soft_targets(y, num_classes: int, eta: float, dtype):
     """(N,) labels -> (N, K) ``η·e_y + (1 − η)/K`` in ``dtype``."""
-    import jax
-    import jax.numpy as jnp
-
     onehot = jax.nn.one_hot(y, num_classes, dtype=dtype)
     return jnp.asarray(eta, dtype) * onehot + jnp.asarray((1.0 - eta) / num_classes, dtype)
 
@@ -155,8 +167,6 @@ def direction(head_apply: Callable, head_params, z):
     For a linear head q = zW + b every slice is Wᵀ; for an MLP head it is
     the per-sample Jacobian (footnote 3).
     """
-    import jax
-
     one = lambda zi: head_apply(head_params, zi[None])[0]  # noqa: E731
     return jax.vmap(jax.jacrev(one))(z)
 
@@ -166,9 +176,6 @@ def drift(kappa, jac, resid):
 
     kappa (P, N, h, h), jac (N, K, h), resid r = target − p (N, K).
     """
-    import jax
-    import jax.numpy as jnp
-
     hi = jax.lax.Precision.HIGHEST
     v = jnp.einsum("nkd,nk->nd", jac, resid, precision=hi)  # (∇_z q)ᵀ r, (N, h)
     return jnp.einsum("jncd,nd->jc", kappa, v, precision=hi) / jac.shape[0]
@@ -176,9 +183,6 @@ def drift(kappa, jac, resid):
 
 def mean_ce(logits, targets):
     """Batch-mean softmax cross-entropy in the logits' dtype (no float32 cast)."""
-    import jax
-    import jax.numpy as jnp
-
     return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1))
 
 
@@ -198,14 +202,6 @@ class Checker:
     """
 
     def __init__(self, model, *, ntk_method: str = "auto"):
-        import flax.linen as nn
-        import jax
-        import jax.numpy as jnp
-
-        from hpft_jax import steps
-        from hpft_jax.models import MLPBackbone
-        from theory.ntk import empirical_ntk_fn
-
         self.model = model
         bb, hd = model.backbone, model.head
         self.counts_kinks = isinstance(bb, MLPBackbone)
@@ -326,59 +322,10 @@ def fit_slope(gammas, errors) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------
-# The FT trajectory (as hpft sweep runs it)
-
-
-def make_ft_advance(model, ft_cfg, *, num_classes: int, num_train: int,
-                    augment: str = "none"):
-    """``(tx, advance)``: ``advance(state, x, y, key, start, stop) -> state``.
-
-    Runs FT steps [start, stop) exactly as :func:`hpft_jax.ft.finetune` does
-    (same optimizer and schedule, the batch of step s is batch ``s % nb`` of
-    epoch ``s // nb``'s permutation, the same per-step keys), without early
-    stopping. ``key`` is the run's FT data key (``hp.seed_key(seed, FT_DATA)``).
-    Also returns the batch indices of a step: ``advance.batch(key, s)``.
-    """
-    import jax
-
-    from hpft_jax import steps
-
-    bs = ft_cfg.batch_size
-    nb = steps.num_batches(num_train, bs)
-    tx = steps.ft_optimizer(ft_cfg, ft_cfg.epochs * nb)
-    step = steps.make_train_step(model, tx, num_classes=num_classes, eta=ft_cfg.eta,
-                                 augment=augment)
-
-    def batch(key, s):
-        e, i = s // nb, s % nb
-        return steps.epoch_indices(key, e, num_train, bs)[i]
-
-    def advance(state, xs, ys, key, start, stop):
-        def body(s, st):
-            e, i = s // nb, s % nb
-            ix = batch(key, s)
-            st, _ = step(st, xs[ix], ys[ix], steps.step_key(key, e, i))
-            return st
-
-        return jax.lax.fori_loop(start, stop, body, state)
-
-    fn = jax.jit(advance)
-    fn.batch = jax.jit(batch)
-    return tx, fn
-
-
-def probe_indices(seed: int, pool: int, n_probe: int) -> np.ndarray:
-    """P probe indices into a split of ``pool`` examples, fixed per seed."""
-    if n_probe > pool:
-        raise ValueError(f"n_probe={n_probe} probes requested but only {pool} examples")
-    rng = np.random.default_rng([int(seed), _PROBE_TAG])
-    return np.sort(rng.choice(pool, size=n_probe, replace=False))
+# The check at one FT state
 
 
 def _cast(tree, dtype):
-    import jax
-    import jax.numpy as jnp
-
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), tree)
 
 
@@ -392,8 +339,6 @@ def check_state(checker: Checker, params, stats, x_probe, x_batch, y_batch, gamm
     ``train_x/train_y``: where to measure energy, loss and accuracy (default:
     the batch). ``arrays=True`` adds ``pred`` (G, P, h) and ``real``.
     """
-    import jax.numpy as jnp
-
     dt = jnp.dtype(dtype)
     params, stats = _cast(params, dt), _cast(stats, dt)
     xp, xb = jnp.asarray(x_probe, dt), jnp.asarray(x_batch, dt)
@@ -433,11 +378,11 @@ def check_state(checker: Checker, params, stats, x_probe, x_batch, y_batch, gamm
 
 
 # --------------------------------------------------------------------------
-# Driver
+# The experiment
 
 
 def _key(e2: Eq2Config, tau: int, seed: int, step: int, n_batch: int) -> tuple:
-    return (int(tau), int(seed), int(step), e2.dtype, int(e2.n_probe), int(n_batch),
+    return (int(tau), int(seed), int(step), e2.check_dtype, int(e2.n_probe), int(n_batch),
             e2.probe_split, tuple(float(g) for g in e2.gammas))
 
 
@@ -446,82 +391,73 @@ def _rec_key(r: dict) -> tuple:
             r["probe_split"], tuple(r["gammas"]))
 
 
-def run_eq2(cfg, e2: Eq2Config, *, progress: bool = True):
-    """Run (or continue) the check; ``cfg`` from :func:`eq2_sweep_config`.
-    Returns the :class:`~hpft_jax.runlog.RunDir`; rerunning skips logged entries."""
-    import jax
-    import jax.numpy as jnp
+def check(cfg: Eq2Config, loaded: prepare.Loaded) -> None:
+    """Probe count, batch prefix and FT steps must fit the data and FT schedule."""
+    check_sizes(cfg, cfg.sweep.ft, num_train=loaded.num_train,
+                num_probe_pool=getattr(loaded.ds, cfg.probe_split).x.shape[0])
 
-    from hpft_jax import data as data_lib, hp, parallel, steps, sweep
-    from hpft_jax.models import make_classifier
-    from hpft_jax.progress import bar
-    from hpft_jax.runlog import RunDir
 
-    if cfg.ls_eta is not None:
-        raise ValueError("hpft eq2 runs HP only: use eq2_sweep_config(cfg), which sets ls_eta=None")
-    run = RunDir(os.path.join(cfg.runs_dir, cfg.name))
-    ds = data_lib.load_downstream(cfg.data)
-    pool = getattr(ds, e2.probe_split)
-    n_batch = check_sizes(e2, cfg.ft, num_train=ds.train.x.shape[0],
-                          num_probe_pool=pool.x.shape[0])
-    run.write_config(cfg)
+def run(cfg: Eq2Config, run: RunDir, loaded: prepare.Loaded, *, progress: bool = True) -> None:
+    """Run (or continue) the check into ``run``; logged entries are skipped.
+
+    The FT state at step t is the sweep's FT (:func:`hpft_jax.ft.make_ft_steps`:
+    its optimizer, schedule, batches and keys) from the HP snapshot at τ
+    (:func:`hpft_jax.prepare.prepare`), without early stopping.
+    """
+    sw, ds = cfg.sweep, loaded.ds
+    pool = getattr(ds, cfg.probe_split)
+    n = loaded.num_train
+    n_batch = check_sizes(cfg, sw.ft, num_train=n, num_probe_pool=pool.x.shape[0])
     done = {_rec_key(r) for r in run.records("eq2")}
-    todo = [(t, s) for t in cfg.hp.taus for s in cfg.seeds
-            if any(_key(e2, t, s, st, n_batch) not in done for st in e2.steps)]
+    todo = [(t, s) for t in sw.hp.taus for s in sw.seeds
+            if any(_key(cfg, t, s, st, n_batch) not in done for st in cfg.at_steps)]
     if not todo:
-        return run
-
-    mesh = parallel.data_mesh()
-    pre_vars = sweep.pretrained_for(cfg, run, mesh=mesh, progress=progress)
-    model = make_classifier(cfg.model, ds.num_classes)
-    base, _ = sweep.base_variables(model, pre_vars, cfg.model.reinit_blocks,
-                                   jnp.asarray(ds.train.x[:2]))
-    probe = sweep.run_hp(cfg, run, model, base, ds, mesh=mesh, progress=progress)
+        return
+    prep = prepare.prepare(sw, run, loaded=loaded, progress=progress)
     hp_acc = {(r["tau"], r["seed"]): r for r in run.records("hp") if r["variant"] == "hp"}
-
-    n = ds.train.x.shape[0]
-    tx, advance = make_ft_advance(model, cfg.ft, num_classes=ds.num_classes, num_train=n,
-                                  augment=cfg.data.augment)
+    # no mesh: the state stays on one device, where the check reads it
+    fts = ft.make_ft_steps(loaded.model, sw.ft, num_classes=ds.num_classes, num_train=n,
+                           augment=sw.data.augment)
     xs, ys = jnp.asarray(ds.train.x), jnp.asarray(ds.train.y)
-    model_chk = make_classifier(dataclasses.replace(cfg.model, dtype=e2.dtype), ds.num_classes)
-    x64 = e2.dtype == "float64"
+    dtype = cfg.check_dtype
+    model_chk = make_classifier(dataclasses.replace(sw.model, dtype=dtype), ds.num_classes)
+    x64 = dtype == "float64"
     with jax.enable_x64(x64):
-        checker = Checker(model_chk, ntk_method=e2.ntk_method)
-    pb = bar(len(todo) * len(e2.steps), "eq2 check", enabled=progress, unit="state")
+        checker = Checker(model_chk, ntk_method=cfg.ntk_method)
+    pb = bar(len(todo) * len(cfg.at_steps), "eq2 check", enabled=progress, unit="state")
     for tau, seed in todo:
-        (params0, stats0), = sweep.ft_inits(probe, [sweep.RunKey("hp", seed, tau)],
-                                            list(cfg.seeds))
-        key = hp.seed_key(seed, hp.FT_DATA)
-        state = steps.init_state(params0, stats0, tx)
-        pidx = probe_indices(seed, pool.x.shape[0], e2.n_probe)
-        x_probe = pool.x[pidx]
+        key = seed_key(seed, FT_DATA)
+        # host copies: fts.run donates the state, and the frozen backbone
+        # leaves of prep.init are shared by every run
+        params0, stats0 = jax.device_get(prep.init(prepare.RunKey("hp", seed, tau)))
+        state = steps.init_state(params0, stats0, fts.tx)
+        pidx = probe_indices(pool.x.shape[0], cfg.n_probe, seed=[int(seed), _PROBE_TAG],
+                             what="n_probe")
         at = 0
-        for st in e2.steps:
-            state = advance(state, xs, ys, key, at, st)
+        for st in cfg.at_steps:
+            state, _ = fts.run(state, xs, ys, key, at, st)
             at = st
-            k = _key(e2, tau, seed, st, n_batch)
-            if k in done:
+            if _key(cfg, tau, seed, st, n_batch) in done:
                 pb.update()
                 continue
-            bidx = np.asarray(advance.batch(key, st))[:n_batch]
+            bidx = np.asarray(fts.batch(key, st))[:n_batch]
             t0 = time.perf_counter()
             with jax.enable_x64(x64):
                 out = check_state(checker, jax.device_get(state.params),
-                                  jax.device_get(state.batch_stats), x_probe,
-                                  ds.train.x[bidx], ds.train.y[bidx], e2.gammas,
-                                  num_classes=ds.num_classes, eta=cfg.ft.eta, dtype=e2.dtype,
+                                  jax.device_get(state.batch_stats), pool.x[pidx],
+                                  ds.train.x[bidx], ds.train.y[bidx], cfg.gammas,
+                                  num_classes=ds.num_classes, eta=sw.ft.eta, dtype=dtype,
                                   train_x=ds.train.x, train_y=ds.train.y)
             h = hp_acc.get((tau, seed), {})
-            run.log("eq2", tau=int(tau), seed=int(seed), step=int(st), dtype=e2.dtype,
-                    n_probe=int(e2.n_probe), n_batch=int(n_batch), probe_split=e2.probe_split,
-                    eta_ft=float(cfg.ft.eta), head=cfg.model.head,
+            run.log("eq2", tau=int(tau), seed=int(seed), step=int(st), dtype=dtype,
+                    n_probe=int(cfg.n_probe), n_batch=int(n_batch), probe_split=cfg.probe_split,
+                    eta_ft=float(sw.ft.eta), head=sw.model.head,
                     hp_train_acc=h.get("hp_train_acc"), n_train=int(n),
-                    n_batches_per_epoch=steps.num_batches(n, cfg.ft.batch_size),
+                    n_batches_per_epoch=fts.num_batches,
                     probe_indices=pidx.tolist(), batch_indices=bidx.tolist(),
                     wall_s=time.perf_counter() - t0, **out)
             pb.update()
     pb.close()
-    return run
 
 
 # --------------------------------------------------------------------------
@@ -538,12 +474,18 @@ def records(run, dtype: str | None = None) -> list[dict]:
                                               r["n_probe"], r["n_batch"]))
 
 
-def _e(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2e}"
-
-
 def _f(v, fmt="{:.3f}") -> str:
+    """``v`` formatted, or "n/a" for None and NaN."""
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+
+def _values(vals) -> np.ndarray:
+    """A logged list with None for NaN, as float64."""
+    return np.asarray([math.nan if v is None else v for v in vals], np.float64)
+
+
+def _setting(r: dict) -> list:
+    return [r["dtype"], r["tau"], r["seed"], r["step"]]
 
 
 def terms_table(recs: list[dict]) -> str:
@@ -551,17 +493,17 @@ def terms_table(recs: list[dict]) -> str:
     head = ["dtype", "τ", "seed", "step", "HP-train-acc", "train acc at t",
             "energy E‖e_y−p‖", "direction E‖∇_z q‖_F", "kernel E‖κ‖_F", "E‖z‖",
             "‖Δz‖/γ pred", "‖Δz‖/γ real (γ min)", "C-S bound /γ"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in recs:
+
+    def row(r):
         i = int(np.argmin(r["gammas"]))
         acc = r.get("hp_train_acc")
-        lines.append("| " + " | ".join([
-            r["dtype"], str(r["tau"]), str(r["seed"]), str(r["step"]),
+        return _setting(r) + [
             "n/a" if acc is None else f"{100 * acc:.1f} %", f"{100 * r['acc_train']:.1f} %",
             f"{r['energy']:.4f}", f"{r['direction']:.3f}", f"{r['kernel']:.4g}",
             f"{r['z_norm']:.3g}", f"{r['drift_norm']:.4g}",
-            f"{r['real_norm'][i] / r['gammas'][i]:.4g}", _f(r.get("cs_bound"), "{:.4g}")]) + " |")
-    return "\n".join(lines)
+            f"{r['real_norm'][i] / r['gammas'][i]:.4g}", _f(r.get("cs_bound"), "{:.4g}")]
+
+    return md_table(head, (row(r) for r in recs))
 
 
 def error_table(recs: list[dict], key: str = "rel_err", *, slopes: bool = True) -> str:
@@ -572,18 +514,15 @@ def error_table(recs: list[dict], key: str = "rel_err", *, slopes: bool = True) 
     gammas = recs[0]["gammas"]
     head = (["dtype", "τ", "seed", "step"] + [f"γ={g:g}" for g in gammas]
             + (["slope", "slope (no kink)"] if slopes else []))
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in recs:
+
+    def row(r):
         errs = dict(zip(r["gammas"], r[key] or [None] * len(r["gammas"])))
         kinks = dict(zip(r["gammas"], r.get("kink_probes") or [None] * len(r["gammas"])))
-        cells = [r["dtype"], str(r["tau"]), str(r["seed"]), str(r["step"])]
-        for g in gammas:
-            k = kinks.get(g)
-            cells.append(_e(errs.get(g)) + ("" if k is None else f" ({k}/{r['n_probe']})"))
-        if slopes:
-            cells += [_f(r["slope"]), _f(r.get("slope_smooth"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells = _setting(r) + [_f(errs.get(g), "{:.2e}") + (
+            "" if kinks.get(g) is None else f" ({kinks[g]}/{r['n_probe']})") for g in gammas]
+        return cells + ([_f(r["slope"]), _f(r.get("slope_smooth"))] if slopes else [])
+
+    return md_table(head, (row(r) for r in recs))
 
 
 def pooled_slope(recs: list[dict], key: str = "rel_err") -> float:
@@ -592,7 +531,7 @@ def pooled_slope(recs: list[dict], key: str = "rel_err") -> float:
     for r in recs:
         if not r.get(key):
             continue
-        e = np.asarray([math.nan if v is None else v for v in r[key]], np.float64)
+        e = _values(r[key])
         ok = np.isfinite(e) & (e > 0)
         if ok.sum() < 2:
             continue
@@ -610,20 +549,14 @@ def figure(run, recs: list[dict]) -> str:
     """Rel. error vs γ (log-log; all probes, and probes whose ReLU pattern is
     unchanged) per τ/step with a slope-1 guide; the three terms and ‖Δz‖/γ
     against the FT step, per τ."""
-    from matplotlib import ticker
-    from matplotlib.gridspec import GridSpec
-
-    from hpft_jax.report import _plt
-
-    plt = _plt()
-    fig = plt.figure(figsize=(17, 5.6))
+    fig = plt().figure(figsize=(17, 5.6))
     # fixed margins: tight_layout (and mathtext tick labels) cost seconds here
-    gs = GridSpec(2, 6, figure=fig, left=0.05, right=0.99, bottom=0.09, top=0.93,
-                  wspace=0.45, hspace=0.45)
-    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    gs = fig.add_gridspec(2, 6, left=0.05, right=0.99, bottom=0.09, top=0.93,
+                          wspace=0.45, hspace=0.45)
+    plain = plt().FuncFormatter(lambda v, _: f"{v:g}")
     taus = sorted({r["tau"] for r in recs})
     stps = sorted({r["step"] for r in recs})
-    colors = {t: plt.cm.viridis(0.9 * i / max(len(taus) - 1, 1)) for i, t in enumerate(taus)}
+    colors = {t: plt().cm.viridis(0.9 * i / max(len(taus) - 1, 1)) for i, t in enumerate(taus)}
     markers = dict(zip(stps, "osD^v<>ph*"))
     styles = {"float64": "-", "float32": ":"}
     g_all = np.asarray(sorted({v for r in recs for v in r["gammas"]}))
@@ -634,7 +567,7 @@ def figure(run, recs: list[dict]) -> str:
         for r in recs:
             if not r.get(key):
                 continue
-            e = np.asarray([math.nan if v is None else v for v in r[key]], np.float64)
+            e = _values(r[key])
             if r["dtype"] == "float64":
                 logs += list(np.log(e[np.isfinite(e)]))
             ax.loglog(r["gammas"], e, styles.get(r["dtype"], "-"),
@@ -676,19 +609,16 @@ def figure(run, recs: list[dict]) -> str:
         a.set_xlabel("FT step t", fontsize=8)
         a.grid(alpha=0.3)
         if scale == "log":
-            a.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            a.yaxis.set_major_locator(plt().LogLocator(subs=(1.0, 2.0, 5.0)))
             a.yaxis.set_major_formatter(plain)
-            a.yaxis.set_minor_formatter(ticker.NullFormatter())
+            a.yaxis.set_minor_formatter(plt().NullFormatter())
         if k == 0:
             a.legend(fontsize=7)
-    path = run.figures("eq2.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(run, fig, "eq2.png", tight=False)
 
 
-def report(run, *, write_figures: bool = True, out=print) -> str:
-    """Print and write ``eq2.md`` (and ``figures/eq2.png``) from the records."""
+def report(run: RunDir, *, figures: bool = True) -> tuple[list[str], list[str]]:
+    """``eq2.md``'s parts and ``figures/eq2.png``, from the records alone."""
     recs = records(run)
     if not recs:
         raise ValueError(f"{run.path} has no eq2 records yet")
@@ -714,77 +644,9 @@ def report(run, *, write_figures: bool = True, out=print) -> str:
                      + ("" if math.isnan(smooth) else
                         f", {smooth:.3f} (probes with no kink crossed)"))
     parts += ["## Pooled slopes", "\n".join(lines)]
-    text = "\n\n".join(parts)
-    if write_figures:
-        text += "\n\nFigure: " + os.path.relpath(figure(run, recs), run.path)
-    with open(os.path.join(run.path, "eq2.md"), "w") as f:
-        f.write(text + "\n")
-    out(text)
-    return text
+    return parts, [figure(run, recs)] if figures else []
 
 
-# --------------------------------------------------------------------------
-# CLI
-
-
-def _floats(s: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in s.split(",") if v.strip() != "")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
-
-
-def config_from_args(args):
-    """``(sweep config, Eq2Config)`` from the parsed flags."""
-    from hpft_jax import cli
-
-    cfg = cli.config_from_args(args)
-    cfg = dataclasses.replace(cfg, name=getattr(args, "name", None) or "eq2",
-                              seeds=cfg.seeds if hasattr(args, "seeds") else (0,))
-    cfg = eq2_sweep_config(cfg, taus=None if hasattr(args, "tau") else DEFAULT_TAUS)
-    kw = {k: getattr(args, k) for k in ("n_probe", "n_batch", "probe_split", "ntk_method")}
-    kw["dtype"] = args.check_dtype
-    if args.at_steps is not None:
-        kw["steps"] = args.at_steps
-    if args.gammas is not None:
-        kw["gammas"] = args.gammas
-    return cfg, Eq2Config(**kw)
-
-
-def _cmd(args: argparse.Namespace) -> None:
-    from hpft_jax.runlog import RunDir
-
-    cfg, e2 = config_from_args(args)
-    if args.report_only:
-        run = RunDir(os.path.join(cfg.runs_dir, cfg.name))
-    else:
-        run = run_eq2(cfg, e2, progress=not args.quiet)
-    report(run, write_figures=not args.no_figures)
-
-
-def add_parser(subparsers) -> None:
-    from hpft_jax import cli
-
-    p = subparsers.add_parser(
-        "eq2", help="one-step check of the Eq. 2 decomposition (kernel, direction, energy) "
-        "against a real SGD step, over γ",
-        description=__doc__.split("\n\n")[0])
-    cli.add_config_flags(p)
-    p.add_argument("--at-steps", type=cli._ints, default=None,
-                   help="FT steps t at which to check, e.g. 0,10,50 (default: 0,10,50)")
-    p.add_argument("--gammas", type=_floats, default=None,
-                   help="γ of the one plain SGD step, e.g. 1e-1,1e-2,1e-3,1e-4 "
-                        "(default: 1e-1 to 1e-4 in half decades)")
-    p.add_argument("--n-probe", type=int, default=16, help="P probe inputs")
-    p.add_argument("--n-batch", type=int, default=None,
-                   help="N: the first N examples of FT step t's batch (default: all)")
-    p.add_argument("--probe-split", default="train", choices=PROBE_SPLITS)
-    p.add_argument("--check-dtype", default="float64", choices=("float64", "float32"),
-                   help="precision of the check (the FT trajectory stays float32)")
-    p.add_argument("--ntk-method", default="auto",
-                   help="theory.ntk method: auto | structured | vjp_jvp | jacobian")
-    p.add_argument("--report-only", action="store_true",
-                   help="rebuild eq2.md and the figure from metrics.jsonl")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--no-figures", action="store_true")
-    p.set_defaults(fn=_cmd)
+EXPERIMENT = Experiment("eq2", Eq2Config, run, report, check=check, doc=__doc__,
+                        help="one-step check of the Eq. 2 decomposition (kernel, direction, "
+                             "energy) against a real SGD step, over γ")

@@ -38,8 +38,9 @@ C₁ and C₂ are measured at two points only, the start and the end of FT
 (their max is used), and C₁ on ``n_probes`` training samples (N² pairs):
 both are estimates of the suprema the proof assumes.
 
-1. HPτ-FT for every τ (default: the configured list, 2 seeds), through
-   :func:`hpft_jax.sweep.run_sweep` with ``save_final=True``, resumable.
+1. HPτ-FT for every τ (default: the configured list, 2 seeds), exactly as
+   the sweep runs it (:func:`hpft_jax.prepare.prepare`, then
+   :func:`hpft_jax.sweep.finetune_runs` with ``save_final=True``), resumable.
 2. Per run: the backbone's eNTK (:func:`theory.ntk.empirical_ntk_fn`, eval
    mode) on the probe set at the start and at the end of FT, ‖v‖ at both, the
    energy at the end, and the constants; logged as ``prop1`` events.
@@ -47,27 +48,63 @@ both are estimates of the suprema the proof assumes.
 
     hpft prop1                       # default τ list, seeds 0,1
     hpft prop1 --tau 0,4,64,1024 --seeds 0 --n-probes 20 --name prop1_small
+    hpft prop1 --report-only
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 import hashlib
 import math
-import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import scipy.stats
+
+from hpft_jax import checkpoint, energy, prepare, steps as steps_lib, sweep
+from hpft_jax.config import SweepConfig
+from hpft_jax.experiment import Experiment, sweep_field
+from hpft_jax.flags import opt_int_or_all, option
+from hpft_jax.outputs import md_table, mean_std, plt
+from hpft_jax.progress import bar
+from hpft_jax.rng import probe_indices
+from hpft_jax.runlog import RunDir
+from theory.ntk import empirical_ntk_fn
 
 Tree = Any
 NORMS = ("spec", "fro")
 
 
-def prop1_config(cfg, *, taus=None):
-    """The sweep ``hpft prop1`` runs: HP only (no lsHP), at ``taus`` if given."""
-    hp = cfg.hp if taus is None else dataclasses.replace(cfg.hp, taus=tuple(taus))
-    return dataclasses.replace(cfg, hp=hp, ls_eta=None)
+@dataclasses.dataclass(frozen=True)
+class Prop1Config:
+    """``hpft prop1``; ``sweep`` supplies data, model, pretraining, HP, FT, seeds.
+
+    ``sweep.hp.taus``: the HPτ-FT runs measured; ``ls_eta`` must be None (no
+    lsHP) and ``shard`` (0, 1) (every run is measured).
+    """
+
+    sweep: SweepConfig = sweep_field("prop1", seeds=(0, 1), ls_eta=None)
+    n_probes: int = option(50, "training samples for the eNTK (C₁ over their N² pairs)")
+    probe_seed: int = option(0, "which probe samples")
+    spec_pairs: int | None = option(
+        200, "off-diagonal probe pairs whose spectral norm enters the mean ‖κ‖₂ (one "
+        "eigendecomposition each; 'all' for every pair). The sup needs only the diagonal "
+        "and is always exact", parse=opt_int_or_all)
+    ntk_method: str = option("auto", "theory.ntk method: auto | structured | vjp_jvp | jacobian")
+
+    def __post_init__(self):
+        if isinstance(self.n_probes, bool) or int(self.n_probes) != self.n_probes \
+                or self.n_probes < 1:
+            raise ValueError(f"n_probes must be a positive integer; got {self.n_probes!r}")
+        offdiag_pairs(2, self.spec_pairs)  # validates spec_pairs
+        if self.sweep.ls_eta is not None:
+            raise ValueError("hpft prop1 runs HP only: ls_eta must be None "
+                             f"(remove --ls-eta); got {self.sweep.ls_eta}")
+        if tuple(self.sweep.shard) != (0, 1):
+            raise ValueError("prop1 measures every run of the sweep: run it unsharded")
 
 
 # --------------------------------------------------------------------------
@@ -93,8 +130,6 @@ def gather_blocks(kappa, ii, jj):
     diagonal blocks ``diag`` (N, h, h) and the blocks ``off`` (M, h, h) of the
     pairs (ii, jj) (static host indices). Jittable; keeps the N²h² kernel on
     the device."""
-    import jax.numpy as jnp
-
     n = kappa.shape[0]
     if kappa.ndim != 4 or kappa.shape[1] != n or kappa.shape[2] != kappa.shape[3]:
         raise ValueError(f"kappa must be (N, N, h, h); got {kappa.shape}")
@@ -170,8 +205,6 @@ def _leaves(tree, prefix=()):
 def step_sizes(ft_cfg, num_train: int, steps: int) -> np.ndarray:
     """γ_t for the first ``steps`` FT updates, (steps,) float64: the cosine
     schedule of :func:`hpft_jax.steps.ft_optimizer` over epochs · batches."""
-    from hpft_jax import steps as steps_lib
-
     total = max(ft_cfg.epochs * steps_lib.num_batches(num_train, ft_cfg.batch_size), 1)
     t = np.arange(steps, dtype=np.float64)
     return ft_cfg.lr * 0.5 * (1.0 + np.cos(np.pi * np.minimum(t, total) / total))
@@ -194,8 +227,6 @@ def lr_sum(gammas, momentum: float = 0.0) -> float:
 
 def lr_sums(ft_cfg, num_train: int, best_epoch: int) -> dict:
     """T and the four γ·T variants for a run that early-stopped at ``best_epoch``."""
-    from hpft_jax import steps as steps_lib
-
     if best_epoch < 0:
         raise ValueError(f"best_epoch must be >= 0 (the run never finished an epoch); "
                          f"got {best_epoch}")
@@ -253,13 +284,6 @@ def make_measure(model, x_probe, *, spec_pairs: int | None = 200, seed: int = 0,
     ``spec_pairs`` off-diagonal pairs for the mean spectral norm; C₂ =
     :func:`head_norm`). One compiled eNTK for BatchNorm-free models (one per
     distinct statistics otherwise)."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-
-    from theory.ntk import empirical_ntk_fn
-
     x_probe = jnp.asarray(x_probe)
     cache: dict = {}
     ii, jj = offdiag_pairs(x_probe.shape[0], spec_pairs, seed)
@@ -290,24 +314,11 @@ def _digest(tree) -> str:
 
 def make_features(model):
     """Jitted ``(variables, x, y) -> (z (N, h), energy (N,))``, eval mode."""
-    import jax
-
-    from hpft_jax import energy, steps
-
     def fn(v, x, y):
-        logits, z = steps.predict(model, v, x)
+        logits, z = steps_lib.predict(model, v, x)
         return z, energy.energy_per_sample(logits, y)
 
     return jax.jit(fn)
-
-
-def probe_indices(n: int, n_probes: int, seed: int = 0) -> np.ndarray:
-    """``n_probes`` distinct training indices, sorted (a fixed random subset)."""
-    if isinstance(n_probes, bool) or int(n_probes) != n_probes or n_probes < 1:
-        raise ValueError(f"n_probes must be a positive integer; got {n_probes!r}")
-    if n_probes > n:
-        raise ValueError(f"n_probes={n_probes} exceeds the {n} training samples")
-    return np.sort(np.random.default_rng(seed).choice(n, int(n_probes), replace=False))
 
 
 def measure_run(measure, features, start: tuple[Tree, Tree], end: tuple[Tree, Tree],
@@ -317,15 +328,13 @@ def measure_run(measure, features, start: tuple[Tree, Tree], end: tuple[Tree, Tr
 
     ``start``/``end`` = (params, batch_stats); ``start_ntk`` reuses the start
     statistics (runs that share a backbone at the start of FT)."""
-    from hpft_jax.steps import variables
-
     if start_ntk is None:
         start_ntk, c2_start = measure(*start)
     else:
         c2_start = head_norm(start[0]["head"])
     end_ntk, c2_end = measure(*end)
-    z0, e0 = (np.asarray(a, np.float64) for a in features(variables(*start), x, y))
-    zt, et = (np.asarray(a, np.float64) for a in features(variables(*end), x, y))
+    z0, e0 = (np.asarray(a, np.float64) for a in features(steps_lib.variables(*start), x, y))
+    zt, et = (np.asarray(a, np.float64) for a in features(steps_lib.variables(*end), x, y))
     return {"ntk_start": start_ntk, "ntk_end": end_ntk, "c2_start": c2_start, "c2_end": c2_end,
             "aie_models": float(e0.mean()), "energy_end": float(et.mean()),
             "dist_models": float(np.linalg.norm(zt - z0, axis=1).mean())}
@@ -340,68 +349,60 @@ def _key(rec) -> tuple:
             rec.get("spec_pairs"))
 
 
-def run_prop1(cfg, *, n_probes: int = 50, probe_seed: int = 0, spec_pairs: int | None = 200,
-              progress: bool = True, method: str = "auto"):
-    """Run (or continue) the sweep and the per-run measurements; returns the
-    :class:`~hpft_jax.runlog.RunDir`. Logged runs are skipped."""
-    import jax
-    import jax.numpy as jnp
+def check(cfg: Prop1Config, loaded: prepare.Loaded) -> None:
+    """The probe count must fit the downstream training set."""
+    if cfg.n_probes > loaded.num_train:
+        raise ValueError(f"n_probes={cfg.n_probes} exceeds the {loaded.num_train} "
+                         "training samples")
 
-    from hpft_jax import checkpoint, data as data_lib, parallel
-    from hpft_jax.models import make_classifier
-    from hpft_jax.progress import bar
-    from hpft_jax.sweep import base_variables, ft_inits, plan, pretrained_for, run_hp, run_sweep
 
-    if cfg.ls_eta is not None:
-        raise ValueError("prop1 runs HP only: use prop1_config(cfg), which sets ls_eta=None")
-    if cfg.shard != (0, 1):
-        raise ValueError("prop1 measures every run of the sweep: run it unsharded")
-    ds = data_lib.load_downstream(cfg.data)
-    idx = probe_indices(ds.train.x.shape[0], n_probes, probe_seed)
-    n_off = offdiag_pairs(n_probes, spec_pairs, probe_seed)[0].size  # validates spec_pairs
-    run = run_sweep(cfg, progress=progress, save_final=True)
+def run(cfg: Prop1Config, run: RunDir, loaded: prepare.Loaded, *,
+        progress: bool = True) -> None:
+    """Run (or continue) the sweep's FT and the per-run measurements into
+    ``run``; runs already measured are skipped."""
+    sw, ds = cfg.sweep, loaded.ds
+    idx = probe_indices(loaded.num_train, cfg.n_probes, seed=cfg.probe_seed, what="n_probes")
+    n_off = offdiag_pairs(cfg.n_probes, cfg.spec_pairs, cfg.probe_seed)[0].size
+    done = {_key(r) for r in run.records("prop1")}
+    todo = [k for k in prepare.plan(sw)
+            if (*k, cfg.n_probes, cfg.probe_seed, n_off) not in done]
+    if not todo:
+        return
+    prepare.warn_opposite_energy(sw)
+    prep = prepare.prepare(sw, run, loaded=loaded, progress=progress)
+    sweep.finetune_runs(prep, run, save_final=True, progress=progress)
 
     ft_recs = {(r["variant"], r["seed"], r["tau"]): r for r in run.records("ft")}
-    done = {_key(r) for r in run.records("prop1")}
-    todo = [k for k in plan(cfg) if (*k, n_probes, probe_seed, n_off) not in done]
-    if not todo:
-        return run
-    model = make_classifier(cfg.model, ds.num_classes)
-    base, _ = base_variables(model, pretrained_for(cfg, run, progress=progress),
-                             cfg.model.reinit_blocks, jnp.asarray(ds.train.x[:2]))
-    probe = run_hp(cfg, run, model, base, ds, mesh=parallel.data_mesh(), progress=progress)
-    measure = make_measure(model, ds.train.x[idx], spec_pairs=spec_pairs, seed=probe_seed,
-                           method=method)
-    features = make_features(model)
+    measure = make_measure(loaded.model, ds.train.x[idx], spec_pairs=cfg.spec_pairs,
+                           seed=cfg.probe_seed, method=cfg.ntk_method)
+    features = make_features(loaded.model)
     x, y = jnp.asarray(ds.train.x), jnp.asarray(ds.train.y)
     start_cache: dict = {}
     pb = bar(len(todo), "prop1 eNTK", enabled=progress, unit="run")
     for k in todo:
-        path = run.checkpoints("final", f"{k.variant}_tau{k.tau}_seed{k.seed}")
+        path = sweep.final_dir(run, k)
         if not checkpoint.exists(path):
             raise FileNotFoundError(
                 f"no finetuned model for {k.label} at {path}: its FT run finished without "
                 f"saving it (a sweep run without save_final); delete {run.path} and rerun")
         tree, _ = checkpoint.load_tree(path)
         end = (tree["params"], tree.get("batch_stats", {}) or {})
-        (start,) = ft_inits(probe, [k], list(cfg.seeds))
-        start = jax.device_get(start)
+        start = jax.device_get(prep.init(k))
         skey = _digest({"p": start[0]["backbone"], "s": start[1]})
         m = measure_run(measure, features, start, end, x, y, start_ntk=start_cache.get(skey))
         start_cache[skey] = m["ntk_start"]
         rec = ft_recs[tuple(k)]
         dist = rec["adapt"].get("dist")
-        run.log("prop1", variant=k.variant, seed=k.seed, tau=k.tau, n_probes=int(n_probes),
-                probe_seed=int(probe_seed), spec_pairs=n_off, probe_idx=idx.tolist(),
+        run.log("prop1", variant=k.variant, seed=k.seed, tau=k.tau, n_probes=int(cfg.n_probes),
+                probe_seed=int(cfg.probe_seed), spec_pairs=n_off, probe_idx=idx.tolist(),
                 aie=rec["aie"],
                 dist=dist if dist is not None else m["dist_models"],
                 dist_source="ft record" if dist is not None else "models",
-                best_epoch=rec["best_epoch"], lr=cfg.ft.lr, momentum=cfg.ft.momentum,
-                weight_decay=cfg.ft.weight_decay, eta_ft=cfg.ft.eta,
-                **lr_sums(cfg.ft, ds.train.x.shape[0], rec["best_epoch"]), **m)
+                best_epoch=rec["best_epoch"], lr=sw.ft.lr, momentum=sw.ft.momentum,
+                weight_decay=sw.ft.weight_decay, eta_ft=sw.ft.eta,
+                **lr_sums(sw.ft, loaded.num_train, rec["best_epoch"]), **m)
         pb.update()
     pb.close()
-    return run
 
 
 # --------------------------------------------------------------------------
@@ -417,22 +418,21 @@ def rows(run) -> list[dict]:
         raise ValueError(f"{run.path} has no prop1 records yet")
     setting = _key(recs[-1])[3:]
     keep = {_key(r): r for r in recs if _key(r)[3:] == setting}
-    return [{**r, **constants(r)} for _, r in sorted(keep.items(), key=lambda kv: (kv[0][2], kv[0][1]))]
+    return [{**r, **constants(r)}
+            for _, r in sorted(keep.items(), key=lambda kv: (kv[0][2], kv[0][1]))]
 
 
 def correlations(aie, dist) -> dict:
     """Pearson and Spearman correlation of dist with AIE across runs, and the
     least-squares fit through the origin dist ≈ c_fit · AIE (with its R²)."""
-    from scipy import stats
-
     a, d = np.asarray(aie, np.float64), np.asarray(dist, np.float64)
     if a.shape != d.shape or a.ndim != 1:
         raise ValueError(f"aie and dist must be matching 1-D arrays; got {a.shape}, {d.shape}")
     out = {"n": int(a.size), "pearson": math.nan, "pearson_p": math.nan,
            "spearman": math.nan, "spearman_p": math.nan}
     if a.size >= 3 and np.ptp(a) > 0 and np.ptp(d) > 0:
-        p = stats.pearsonr(a, d)
-        s = stats.spearmanr(a, d)
+        p = scipy.stats.pearsonr(a, d)
+        s = scipy.stats.spearmanr(a, d)
         out.update(pearson=float(p.statistic), pearson_p=float(p.pvalue),
                    spearman=float(s.statistic), spearman_p=float(s.pvalue))
     denom = float(a @ a)
@@ -450,8 +450,10 @@ def correlations(aie, dist) -> dict:
 
 
 def _ms(xs) -> str:
-    a = np.asarray(list(xs), dtype=np.float64)
-    return f"{a.mean():.4g}" if a.size == 1 else f"{a.mean():.4g} ± {a.std():.2g}"
+    """``mean ± std`` (population std) of the seeds' values; the mean alone for one."""
+    xs = list(xs)
+    m, sd = mean_std(xs)
+    return f"{m:.4g}" if len(xs) == 1 else f"{m:.4g} ± {sd:.2g}"
 
 
 def markdown(rs: list[dict]) -> str:
@@ -462,12 +464,10 @@ def markdown(rs: list[dict]) -> str:
             ("Σγ_eff", "gT_eff"), ("c (‖·‖₂)", "c_spec"), ("bound c·AIE", "bound_spec"),
             ("measured / bound", "ratio_spec"), ("ratio (F-norm)", "ratio_fro"),
             ("E‖e−p_T‖", "energy_end")]
-    lines = ["| τ | seeds | " + " | ".join(c for c, _ in cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
-    for t in taus:
-        g = [r for r in rs if r["tau"] == t]
-        lines.append(f"| {t} | {len(g)} | " + " | ".join(_ms(r[k] for r in g) for _, k in cols)
-                     + " |")
+    groups = [[r for r in rs if r["tau"] == t] for t in taus]
+    table = md_table(["τ", "seeds"] + [c for c, _ in cols],
+                     ([g[0]["tau"], len(g)] + [_ms(r[k] for r in g) for _, k in cols]
+                      for g in groups))
     r0 = rs[0]
     parts = [
         f"Prop. 1 per τ, mean ± std over seeds; C₁ on {r0['n_probes']} probe training "
@@ -477,7 +477,7 @@ def markdown(rs: list[dict]) -> str:
         f"c = Σγ_eff · C₁ · C₂ with Σγ_eff = Σ_t γ_t (1 − β^(t+1))/(1 − β) "
         f"(γ = {r0['lr']:g}, β = {r0['momentum']:g}, cosine, T = steps to the best epoch, "
         f"{r0['steps_per_epoch']} per epoch).",
-        "\n".join(lines)]
+        table]
     for k, name in (("spec", "spectral-norm C₁"), ("fro", "F-norm C₁")):
         ratios = np.asarray([r[f"ratio_{k}"] for r in rs])
         held = int(np.sum(ratios <= 1.0))
@@ -522,25 +522,21 @@ def markdown(rs: list[dict]) -> str:
 def figure(run, rs: list[dict]) -> str:
     """E‖z_T−z₀‖ against AIE per run (coloured by τ), the per-run bounds,
     the mean-c bound lines and the fitted line; returns the path."""
-    from hpft_jax.report import _plt
-
-    plt = _plt()
-    import matplotlib.colors as mcolors
-
     taus = sorted({r["tau"] for r in rs})
-    cmap = plt.get_cmap("viridis", len(taus))
-    norm = mcolors.BoundaryNorm(np.arange(len(taus) + 1) - 0.5, len(taus))
+    cmap = plt().get_cmap("viridis", len(taus))
+    # one colour per τ: index i of the len(taus)-colour map sits at [i - ½, i + ½]
+    norm = {"vmin": -0.5, "vmax": len(taus) - 0.5}
     ci = np.asarray([taus.index(r["tau"]) for r in rs])
     a = np.asarray([r["aie"] for r in rs])
     d = np.asarray([r["dist"] for r in rs])
     co = correlations(a, d)
     grid = np.linspace(0, a.max() * 1.05, 50)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    fig, axes = plt().subplots(1, 2, figsize=(11, 4.3))
     ax = axes[0]
-    sc = ax.scatter(a, d, c=ci, cmap=cmap, norm=norm, s=28, label="measured E‖z_T−z₀‖", zorder=3)
+    sc = ax.scatter(a, d, c=ci, cmap=cmap, **norm, s=28, label="measured E‖z_T−z₀‖", zorder=3)
     for k, mk, name in (("spec", "^", "‖κ‖₂"), ("fro", "v", "‖κ‖_F")):
         b = np.asarray([r[f"bound_{k}"] for r in rs])
-        ax.scatter(a, b, c=ci, cmap=cmap, norm=norm, marker=mk, s=22, alpha=0.6,
+        ax.scatter(a, b, c=ci, cmap=cmap, **norm, marker=mk, s=22, alpha=0.6,
                    label=f"bound c·AIE per run, C₁ = sup {name}")
         cm = np.mean([r[f"c_{k}"] for r in rs])
         ax.plot(grid[1:], cm * grid[1:], ls="--" if k == "spec" else ":", color="0.4",
@@ -552,7 +548,7 @@ def figure(run, rs: list[dict]) -> str:
     ax.set_title("Prop. 1: measured against the bound")
     ax.legend(fontsize=7, loc="center right")
     ax = axes[1]
-    ax.scatter(a, d, c=ci, cmap=cmap, norm=norm, s=28, zorder=3)
+    ax.scatter(a, d, c=ci, cmap=cmap, **norm, s=28, zorder=3)
     ax.plot(grid, co["c_fit"] * grid, color="C3",
             label=f"fit through 0: {co['c_fit']:.3g} · AIE (R² = {co['r2_fit']:.2f})")
     if math.isfinite(co["slope"]):
@@ -568,62 +564,18 @@ def figure(run, rs: list[dict]) -> str:
     cb.ax.set_yticklabels([str(t) for t in taus])
     cb.set_label("τ (HP epochs)")
     path = run.figures("prop1.png")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the colorbar defeats tight_layout
+    plt().close(fig)
     return path
 
 
-def report(run, *, write_figures: bool = True, out=print) -> str:
-    """Print and write ``prop1.md`` (and the figure) from the records."""
+def report(run: RunDir, *, figures: bool = True) -> tuple[list[str], list[str]]:
+    """``prop1.md``'s parts and ``figures/prop1.png``, from the records alone."""
     rs = rows(run)
-    text = "# Prop. 1 against AIE: " + run.path + "\n\n" + markdown(rs)
-    if write_figures:
-        text += "\n\nFigure: " + os.path.relpath(figure(run, rs), run.path)
-    with open(os.path.join(run.path, "prop1.md"), "w") as f:
-        f.write(text + "\n")
-    out(text)
-    return text
+    parts = [f"# Prop. 1 against AIE: {run.path}", markdown(rs)]
+    return parts, [figure(run, rs)] if figures else []
 
 
-# --------------------------------------------------------------------------
-# CLI
-
-
-def _cmd(args: argparse.Namespace) -> None:
-    from hpft_jax import cli
-
-    cfg = cli.config_from_args(args)
-    cfg = dataclasses.replace(cfg, name=getattr(args, "name", None) or "prop1",
-                              seeds=cfg.seeds if hasattr(args, "seeds") else (0, 1))
-    cfg = prop1_config(cfg)
-    run = run_prop1(cfg, n_probes=args.n_probes, probe_seed=args.probe_seed,
-                    spec_pairs=args.spec_pairs, progress=not args.quiet)
-    report(run, write_figures=not args.no_figures)
-
-
-def _pairs_arg(s: str) -> int | None:
-    if s.lower() == "all":
-        return None
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'all'; got {s!r}") from None
-
-
-def add_parser(subparsers) -> None:
-    from hpft_jax import cli
-
-    p = subparsers.add_parser(
-        "prop1", help="Prop. 1's bound c·AIE against the measured E‖z_T − z_0‖ over τ (Sec. 4.1)",
-        description=__doc__.split("\n\n")[0])
-    cli.add_config_flags(p)
-    p.add_argument("--n-probes", type=int, default=50,
-                   help="training samples for the eNTK (C₁ over their N² pairs)")
-    p.add_argument("--probe-seed", type=int, default=0, help="which probe samples")
-    p.add_argument("--spec-pairs", type=_pairs_arg, default=200,
-                   help="off-diagonal probe pairs whose spectral norm enters the mean ‖κ‖₂ "
-                        "(one eigendecomposition each; 'all' for every pair). The sup needs "
-                        "only the diagonal and is always exact")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--no-figures", action="store_true")
-    p.set_defaults(fn=_cmd)
+EXPERIMENT = Experiment("prop1", Prop1Config, run, report, check=check, doc=__doc__,
+                        help="Prop. 1's bound c·AIE against the measured E‖z_T − z_0‖ over τ "
+                             "(Sec. 4.1)")
