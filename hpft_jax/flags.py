@@ -257,6 +257,12 @@ def option_fields(cls) -> list[dataclasses.Field]:
 def add_options(p: argparse.ArgumentParser, cls, title: str) -> None:
     """One flag per :func:`option` field of ``cls``, with its default shown."""
     hints = typing.get_type_hints(cls)
+    taken = {_dest(flag) for flag in FLAGS} | {"batch_size", "no_distort", "download",
+                                              "sequential", "config"}
+    clash = [f.name for f in option_fields(cls) if f.name in taken]
+    if clash:
+        raise TypeError(f"{cls.__name__} options {clash} share a name with a sweep flag; "
+                        "rename the fields")
     g = p.add_argument_group(title)
     for f in option_fields(cls):
         flag = f.metadata["flag"]

@@ -82,17 +82,31 @@ def _conv_norm(dtype: Dtype, train: bool):
     return conv, norm
 
 
-class BasicBlock(nn.Module):
+def _shortcut(x, y, conv, norm, strides):
+    """x, or its 1x1-conv + BN projection (``proj_conv``/``proj_bn``, torchvision's
+    ``downsample``) when the block changes the shape."""
+    if x.shape == y.shape:
+        return x
+    x = conv(y.shape[-1], (1, 1), strides, padding=_PAD0, name="proj_conv")(x)
+    return norm(name="proj_bn")(x)
+
+
+class _Block(nn.Module):
+    """A residual block's settings: output ``filters`` (before expansion),
+    ``strides`` of its strided conv, compute ``dtype``."""
+
+    filters: int
+    strides: int = 1
+    dtype: Dtype = jnp.float32
+
+
+class BasicBlock(_Block):
     """Two 3x3 convs, stride on the first; ResNet18/34 (torchvision's BasicBlock).
 
     Submodules in order: Conv_0, BatchNorm_0, Conv_1, BatchNorm_1 and, when the
     shape changes, proj_conv (1x1, stride s) and proj_bn (torchvision's
     ``downsample.0`` / ``downsample.1``).
     """
-
-    filters: int
-    strides: int = 1
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -102,21 +116,14 @@ class BasicBlock(nn.Module):
         y = nn.relu(norm()(y))
         y = conv(self.filters, (3, 3), padding=_PAD1)(y)
         y = norm()(y)
-        if x.shape != y.shape:
-            x = conv(self.filters, (1, 1), s, padding=_PAD0, name="proj_conv")(x)
-            x = norm(name="proj_bn")(x)
-        return nn.relu(x + y)
+        return nn.relu(_shortcut(x, y, conv, norm, s) + y)
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(_Block):
     """1x1 -> 3x3 (stride s) -> 1x1 (x4 expansion); ResNet50, torchvision's v1.5.
 
     Submodules: Conv_0..2, BatchNorm_0..2, and proj_conv / proj_bn.
     """
-
-    filters: int
-    strides: int = 1
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -125,10 +132,7 @@ class BottleneckBlock(nn.Module):
         y = nn.relu(norm()(conv(self.filters, (1, 1), padding=_PAD0)(x)))
         y = nn.relu(norm()(conv(self.filters, (3, 3), s, padding=_PAD1)(y)))
         y = norm()(conv(self.filters * 4, (1, 1), padding=_PAD0)(y))
-        if x.shape != y.shape:
-            x = conv(self.filters * 4, (1, 1), s, padding=_PAD0, name="proj_conv")(x)
-            x = norm(name="proj_bn")(x)
-        return nn.relu(x + y)
+        return nn.relu(_shortcut(x, y, conv, norm, s) + y)
 
 
 class ResNet(nn.Module):

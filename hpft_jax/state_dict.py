@@ -19,6 +19,7 @@ first line names the problem.
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any, Iterable, Mapping
 
@@ -59,13 +60,17 @@ def _torch_to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
-def _read_torch(path: str) -> Any:
+def _optional(module: str, path: str, hint: str):
+    """Import an optional dependency, or fail naming the file and the fix."""
     try:
-        import torch
+        return importlib.import_module(module)
     except ImportError:
-        raise StateDictError(
-            f"{path}: reading PyTorch checkpoints needs torch: pip install torch "
-            "(CPU is enough), or convert the file to .safetensors or .npz") from None
+        raise StateDictError(f"{path}: {hint}") from None
+
+
+def _read_torch(path: str) -> Any:
+    torch = _optional("torch", path, "reading PyTorch checkpoints needs torch: pip install "
+                      "torch (CPU is enough), or convert the file to .safetensors or .npz")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ...
@@ -87,14 +92,10 @@ def _read_torch(path: str) -> Any:
 
 
 def _read_safetensors(path: str) -> Any:
+    st = _optional("safetensors.numpy", path, "reading .safetensors needs the safetensors "
+                   "package: pip install safetensors")
     try:
-        from safetensors.numpy import load_file
-    except ImportError:
-        raise StateDictError(
-            f"{path}: reading .safetensors needs the safetensors package: "
-            "pip install safetensors") from None
-    try:
-        return load_file(path)
+        return st.load_file(path)
     except Exception as e:
         raise StateDictError(f"{path} is not a readable safetensors file: {e}") from None
 
