@@ -52,7 +52,8 @@ def score(aie: Sequence[float]) -> np.ndarray:
 
 
 def pick_tau_hat(taus: Sequence[int], aie: Sequence[float]) -> int:
-    """argmax_τ spent(τ)·A(τ), ties to the smaller τ; the smallest τ if HP removed no energy."""
+    """argmax_τ spent(τ)·A(τ), ties to the smaller τ; the smallest τ if HP
+    removed no energy."""
     taus = [int(t) for t in taus]
     if len(taus) != len(aie):
         raise ValueError(f"{len(taus)} taus but {len(aie)} AIE values")
