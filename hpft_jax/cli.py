@@ -43,6 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eq2": ("hpft_jax.experiments.eq2:EXPERIMENT",
             "one-step check of the Eq. 2 decomposition (kernel, direction, energy) against "
             "a real SGD step, over γ"),
+    "autotau": ("hpft_jax.experiments.autotau:EXPERIMENT", "choose τ from HP alone, FT at τ̂"),
     "prop1": ("hpft_jax.experiments.prop1:EXPERIMENT",
               "Prop. 1's bound c·AIE against the measured E‖z_T − z_0‖ over τ (Sec. 4.1)"),
 }
