@@ -187,7 +187,7 @@ def _check_tfds_name(name: str, spec: str) -> None:
     then says how to install it). Offline and fast: community data sets,
     whose index lives on GCS, are not listed."""
     try:
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # noqa: PLC0415 (optional dependency: the [tfds] extra)
     except ImportError:
         return
     known = tfds.list_builders(with_community_datasets=False)
@@ -297,7 +297,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
         if os.path.isfile(path):
             table = np.loadtxt(path, delimiter=",")
             return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int32)
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # noqa: PLC0415 (1-2 s to import; only the digits need it)
 
     bunch = load_digits()
     return bunch.images, bunch.target.astype(np.int32)
@@ -382,7 +382,7 @@ def _load_npz(path: str) -> _Base:
 
 def _import_tfds():
     try:
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # noqa: PLC0415 (optional dependency: the [tfds] extra)
     except ImportError as e:
         raise ImportError(_TFDS_HINT) from e
     return tfds
@@ -420,7 +420,7 @@ def _decode_images(images: list[np.ndarray], size: int | None, name: str) -> np.
     bilinear (for data sets whose images vary in size).
     """
     if size is not None:
-        from PIL import Image
+        from PIL import Image  # noqa: PLC0415 (optional: only decoding tfds images needs it)
 
         def pil_resize(im):
             grey = im.ndim == 3 and im.shape[-1] == 1
