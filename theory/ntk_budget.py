@@ -100,40 +100,34 @@ def schedule(plan: Plan, n: int, *, kind: str, memory_budget: int | None,
         k = max(1, min(h, cap_unit_bytes // u["unit"]))
         return _outputs(kind, k, k, h, chunk_size, t, n, sets, u, out_bytes)
     avail = memory_budget - RUNTIME_BYTES - out_bytes
-    if avail <= 0:
-        raise ValueError(f"memory_budget={memory_budget} B cannot hold the result "
-                         f"({out_bytes} B) plus the runtime ({RUNTIME_BYTES} B)")
     fixed = sets * n * u["sample"]
     per_unit = sets * n * u["unit"]
     trans = lambda sc, k: sc * (k * u["transient_unit"] + u["forward_sample"])  # noqa: E731
-    sc = chunk_size
-    if cap_ok and fixed + h * per_unit <= 0.7 * avail:
-        sc = sc or _fit_samples(0.3 * avail, h, trans, n)
-        return Schedule("stored", h, h, h, sc, t, 1.0,
-                        RUNTIME_BYTES + out_bytes + fixed + h * per_unit + trans(sc, h))
-    units = int((0.7 * avail - fixed) // per_unit)
-    if cap_unit_bytes is not None:
-        units = min(units, cap_unit_bytes // u["unit"])
-    if units < (1 if kind == "trace" else 2):
-        need = RUNTIME_BYTES + out_bytes + (fixed + 2 * per_unit) / 0.7
-        raise ValueError(f"memory_budget={memory_budget} B is too small for "
-                         f"{kind} here; need at least ~{int(need)} B")
-    if kind == "trace":
-        k, s = min(h, units), min(h, units)
-    else:
-        s = max(1, units // 5)
-        k = max(1, (units - s) // s) * s
-        k = min(k, h)
-    sc = sc or _fit_samples(0.3 * avail, k, trans, n)
-    sched = _outputs(kind, k, s, h, sc, t, n, sets, u, out_bytes)
-    return dataclasses.replace(sched, est_bytes=RUNTIME_BYTES + out_bytes + fixed
-                               + (k + (0 if kind == "trace" else s)) * per_unit
-                               + trans(sc, k))
-
-
-def _fit_samples(space, k, trans, n) -> int:
-    sc = max(1, int(space // max(trans(1, k), 1)))
-    return min(sc, n)
+    top = h if cap_ok else max(1, min(h, cap_unit_bytes // u["unit"]))
+    # The most outputs held at once whose factors plus one backward batch fit.
+    for units in range(top, 0, -1):
+        stored = units == h
+        if stored or kind == "trace":
+            k = s = units
+            held = k
+        else:
+            if units < 2:
+                break
+            s = max(1, units // 5)
+            k = min(max(1, (units - s) // s) * s, h)
+            held = k + s
+        rest = avail - fixed - held * per_unit
+        sc = min(n, chunk_size or n, int(rest // max(trans(1, k), 1)))
+        if sc < 1 or rest < trans(sc, k):
+            continue
+        est = int(RUNTIME_BYTES + out_bytes + fixed + held * per_unit + trans(sc, k))
+        if stored:
+            return Schedule("stored", h, h, h, sc, t, 1.0, est)
+        return dataclasses.replace(_outputs(kind, k, s, h, sc, t, n, sets, u, out_bytes),
+                                   est_bytes=est)
+    need = RUNTIME_BYTES + out_bytes + fixed + 2 * per_unit + trans(1, 1)
+    raise ValueError(f"memory_budget={memory_budget} B is too small for "
+                     f"{kind} here; need at least ~{int(need)} B")
 
 
 def _outputs(kind, k, s, h, sc, t, n, sets, u, out_bytes) -> Schedule:
@@ -254,8 +248,8 @@ def kernel(plan: Plan, f, params, x1, x2, sched: Schedule, dtype) -> jax.Array:
         return a, (a if x2 is None else _facs(plan, f, params, x2, rows, sc))
 
     def put(out, blk, c0, d0):
-        z = jnp.zeros((), jnp.int32)
-        return jax.lax.dynamic_update_slice(out, blk, (z, z, c0, d0))
+        idx = tuple(jnp.asarray(i, jnp.int32) for i in (0, 0, c0, d0))
+        return jax.lax.dynamic_update_slice(out, blk, idx)
 
     def panel(a, out):
         c1, c2 = both(_rows(h, hp, a * k, k, dtype))
