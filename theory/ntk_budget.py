@@ -50,8 +50,9 @@ def unit_bytes(plan: Plan, itemsize: int = 4) -> dict:
     # cotangents of every layer's input and output and the ReLU masks, plus
     # the jac forms' einsum output and its reshape; calibrated on the small
     # CNN benchmark (peak RSS 5.5 GB where 2·acts + jac estimated 4.5 GB)
+    # (+ one unit row: J is concatenated from the per-layer Jacobians)
     trans = 3 * acts + 2 * sum(l.fan_in * l.features for l in plan.layers
-                               if l.form == "jac")
+                               if l.form == "jac") + unit
     return {"unit": unit * itemsize, "sample": fixed * itemsize,
             "transient_unit": trans * itemsize,
             "forward_sample": 3 * sum(l.n_pos * max(l.fan_in, l.features)

@@ -53,8 +53,8 @@ def pair_block(f1: Factors, f2: Factors, *, trace: bool, layout: str = "ijcd"):
             else:
                 out = out + _ein("icpo,ijpdo->icjd", g1,
                                  _ein("ijpq,jdqo->ijpdo", m, g2))
-    if f1.J is not None:
-        out = out + (_ein("icD,jcD->ij", f1.J, f2.J) if trace
+    if f1.J is not None:   # trace: one (t1, h·D) x (h·D, t2) matmul, no transposed copy
+        out = out + (_ein("iX,jX->ij", f1.J.reshape(t1, -1), f2.J.reshape(t2, -1)) if trace
                      else _ein("icD,jdD->icjd", f1.J, f2.J))
     if trace or layout == "icjd":
         return out
