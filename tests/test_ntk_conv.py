@@ -102,7 +102,8 @@ def _budget_for(f, params, x, units, *, kind, sets=1, trace=False):
     n, h = x.shape[0], plan.h
     out = {"trace": n * n, "full": n * n * h * h, "drift": 3 * n * n}[kind] * 4
     return int(ntk_budget.RUNTIME_BYTES + out + units * u["transient_unit"]
-               + u["forward_sample"] + sets * n * (u["sample"] + units * u["unit"])) + 8
+               + u["forward_sample"]
+               + sets * n * (u["sample"] + ntk_budget.HELD_COPIES * units * u["unit"])) + 8
 
 
 # --------------------------------------------------------------------------

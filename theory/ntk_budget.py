@@ -33,6 +33,10 @@ from theory import ntk_contract
 from theory.ntk_factors import Factors, Plan, batch_factors
 
 RUNTIME_BYTES = 350 * 2**20   # Python + JAX + XLA before any work (measured ~0.3 GB)
+# Held factors are counted twice: ResNet18 traces (10 probes, k = 112) peaked
+# at ~9.6 GB where one copy was estimated at 5.6 GiB (lax.map's stacked output
+# and XLA's temporaries around it). Not yet profiled further.
+HELD_COPIES = 2
 
 
 # --------------------------------------------------------------------------
@@ -109,7 +113,7 @@ def schedule(plan: Plan, n: int, *, kind: str, memory_budget: int | None,
                                    + trans(chunk_size or n, k))
     avail = memory_budget - RUNTIME_BYTES - out_bytes
     fixed = sets * n * u["sample"]
-    per_unit = sets * n * u["unit"]
+    per_unit = HELD_COPIES * sets * n * u["unit"]
     top = h if cap_ok else max(1, min(h, cap_unit_bytes // u["unit"]))
     # The most outputs held at once whose factors plus one backward batch fit.
     for units in range(top, 0, -1):
