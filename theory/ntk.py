@@ -433,4 +433,5 @@ def ntk_drift(f: Callable, params_seq: Sequence[Any], x_probe, **kwargs) -> dict
     return {"k_norm": jnp.stack(norms), "k_gap": jnp.stack(gaps)}
 
 
-__all__ = ["METHODS", "NTKDrift", "auto_tile", "empirical_ntk_fn", "make_drift_fn", "ntk_drift"]
+__all__ = ["METHODS", "NTKDrift", "auto_tile", "describe", "empirical_ntk_fn", "explain",
+           "make_drift_fn", "ntk_drift"]
