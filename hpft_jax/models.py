@@ -248,11 +248,13 @@ class Classifier(nn.Module):
     """``apply(vars, x, train=...) -> (logits (N, K), z (N, h))``.
 
     Parameters live under ``params/backbone`` and ``params/head``; BatchNorm
-    statistics under ``batch_stats/backbone``.
+    statistics under ``batch_stats/backbone``. ``task``: the name of the
+    :mod:`hpft_jax.tasks` kind its logits mean (loss, energy, metric).
     """
 
     backbone: nn.Module
     head: nn.Module
+    task: str = "classification"
 
     def __call__(self, x, *, train: bool = False):
         z = self.backbone(x, train=train)
@@ -298,8 +300,9 @@ def make_backbone(name: str, *, width: int | None = None, depth: int | None = No
     return BACKBONES[name](**kw)
 
 
-def make_classifier(cfg, num_classes: int) -> Classifier:
-    """A :class:`Classifier` from a :class:`hpft_jax.config.ModelConfig`."""
+def make_classifier(cfg, num_classes: int, task: str = "classification") -> Classifier:
+    """A :class:`Classifier` from a :class:`hpft_jax.config.ModelConfig`;
+    ``num_classes``: the head's outputs (classes, or binary tasks)."""
     dtype = jnp.dtype(cfg.dtype)
     backbone = make_backbone(cfg.backbone, width=cfg.width, depth=cfg.depth,
                              stem=cfg.stem, dtype=dtype)
@@ -312,4 +315,4 @@ def make_classifier(cfg, num_classes: int) -> Classifier:
     else:
         head = MLPHead(num_classes, hidden=cfg.head_hidden, depth=cfg.head_depth,
                        dtype=dtype)
-    return Classifier(backbone=backbone, head=head)
+    return Classifier(backbone=backbone, head=head, task=task)

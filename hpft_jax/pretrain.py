@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpft_jax import checkpoint, config as config_lib, data as data_lib, errors, parallel, steps
-from hpft_jax.losses import accuracy
+from hpft_jax import tasks
 from hpft_jax.models import make_classifier
 from hpft_jax.progress import bar
 
@@ -98,7 +98,7 @@ def train(data_cfg, model_cfg, pre_cfg, source, *, mesh=None, progress: bool = T
     for name, split in (("train", source.train), ("val", source.val), ("test", source.test)):
         if split.x.shape[0]:
             logits = evaluate(out, jnp.asarray(split.x))
-            metrics[f"{name}_acc"] = float(accuracy(logits, jnp.asarray(split.y)))
+            metrics[f"{name}_acc"] = float(tasks.of(model).metric(logits, jnp.asarray(split.y)))
     return jax.device_get(out), metrics
 
 
