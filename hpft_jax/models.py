@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hpft_jax.gcn import GCN
+
 Dtype = Any
 
 
@@ -279,6 +281,7 @@ BACKBONES = {
     "resnet34": ResNet34,
     "resnet50": ResNet50,
     "resnet_tiny": ResNetTiny,
+    "gcn": GCN,  # graph tables (hpft_jax.gcn); width = hidden (300), depth = layers
 }
 
 
@@ -288,7 +291,7 @@ def make_backbone(name: str, *, width: int | None = None, depth: int | None = No
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
     kw: dict[str, Any] = {"dtype": dtype}
-    if name == "mlp":
+    if name in ("mlp", "gcn"):
         if width is not None:
             kw["width"] = width
         if depth is not None:
