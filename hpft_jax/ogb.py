@@ -27,6 +27,7 @@ import gzip
 import io
 import os
 import re
+import warnings
 
 import numpy as np
 
@@ -289,3 +290,46 @@ def generate(num_graphs: int, num_tasks: int, *, seed: int = 0, task_offset: int
                      np.concatenate(ef), np.stack(lab),
                      {"train": np.sort(perm[:a]), "valid": np.sort(perm[a:b]),
                       "test": np.sort(perm[b:])})
+
+
+# --------------------------------------------------------------------------
+# A data spec's splits
+
+
+def parse_budget(rest: str, spec: str) -> tuple[str, int | None]:
+    """``DIR`` or ``DIR@V`` -> (DIR, node budget V or None)."""
+    path, at, budget = rest.rpartition("@")
+    if not at:
+        return rest, None
+    if not budget.isdigit() or int(budget) < 1:
+        raise ValueError(f"data spec {spec!r}: the node budget after '@' must be a positive "
+                         f"integer; got {budget!r}")
+    return path, int(budget)
+
+
+def load_splits(path: str, budget: int | None, spec: str) -> tuple[int, dict]:
+    """Read ``path`` and build its split tables: ``(num_tasks, {split: (x, y,
+    idx)})`` with x (n, V, C) int16 tables, y (n, T) float32 (NaN = missing),
+    idx the graph indices. V is ``budget`` or the largest graph; D the
+    largest degree. Warns for tasks without both classes in a split."""
+    mol = read(path)
+    largest = int(mol.num_nodes.max())
+    if budget is not None and largest > budget:
+        over = int((mol.num_nodes > budget).sum())
+        raise ValueError(f"data spec {spec!r}: {over} graphs are over the node budget of "
+                         f"{budget} (largest graph: {largest} nodes, graph "
+                         f"{int(mol.num_nodes.argmax())}); raise or drop '@{budget}'")
+    v = budget or largest
+    d = max(max_degree(mol), 1)
+    t = mol.labels.shape[1]
+    out = {}
+    for name, key in (("train", "train"), ("val", "valid"), ("test", "test")):
+        idx = mol.splits[key]
+        y = mol.labels[idx]
+        bad = one_class_tasks(y) if len(idx) else np.arange(0)
+        if len(bad):
+            warnings.warn(f"data spec {spec!r}: {len(bad)} of {t} tasks have no positive or "
+                          f"no negative label in the {key} split (tasks {bad.tolist()}); they are "
+                          f"left out of its ROC-AUC average", stacklevel=2)
+        out[name] = (tables(mol, idx, max_nodes=v, max_deg=d), y, idx)
+    return t, out
