@@ -39,6 +39,7 @@ def test_tables_round_trip_edges(mol):
         assert got == want
 
 
+@pytest.mark.slow  # ~1 min on a shared 2-core CPU: two train-mode GCN gradients compile
 def test_more_padding_changes_no_number(mol):
     """Same graphs with more node slots, neighbour slots and empty graphs:
     the same logits, z, loss, gradients and BatchNorm statistics."""
