@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from hpft_jax import flags, pretrain, prepare, report, sweep
+from hpft_jax import flags, presets, pretrain, prepare, report, sweep
 
 
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,10 +14,13 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     flags.add_output_flags(p, report_only=False)
     p.add_argument("--save-final", action="store_true",
                    help="keep every finetuned model under checkpoints/final/")
+    p.add_argument("--preset", choices=sorted(presets.PRESETS), default=None,
+                   help="start from a named configuration (gcn: the paper's graph setting; "
+                        "hpft_jax/presets.py); flags override it")
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    cfg = flags.sweep_config(args)
+    cfg = flags.sweep_config(args, presets.get(args.preset))
     run = sweep.run_sweep(cfg, progress=not args.quiet, save_final=args.save_final)
     report.report(run.path, write_figures=not args.no_figures)
 
