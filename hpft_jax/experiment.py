@@ -30,7 +30,7 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
-from hpft_jax import config as config_lib, flags, outputs, prepare
+from hpft_jax import config as config_lib, flags, outputs, prepare, tasks
 from hpft_jax.runlog import RunDir
 
 _KEEP = object()
@@ -54,6 +54,15 @@ def sweep_field(name: str, *, seeds: Sequence[int] | None = None,
         return dataclasses.replace(cfg, **changes)
 
     return dataclasses.field(default_factory=make)
+
+
+def require_classification(loaded: prepare.Loaded, what: str) -> None:
+    """Refuse a task other than single-label classification, for analyses
+    whose formulas assume a softmax cross-entropy head over classes."""
+    task = tasks.of(loaded.model)
+    if task.name != "classification":
+        raise ValueError(f"{what} assumes single-label softmax classification; this "
+                         f"downstream data's task is {task.name!r}")
 
 
 def first_paragraph(doc: str | None) -> str:

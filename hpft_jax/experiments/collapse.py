@@ -45,7 +45,7 @@ import numpy as np
 
 from hpft_jax import ft, hp, neural_collapse as nc, prepare, scl
 from hpft_jax.config import SweepConfig
-from hpft_jax.experiment import Experiment, sweep_field
+from hpft_jax.experiment import Experiment, require_classification, sweep_field
 from hpft_jax.flags import option
 from hpft_jax.outputs import mean_std, md_table, plt, save_figure
 from hpft_jax.params import count, is_head_path, merge, partition
@@ -204,6 +204,7 @@ def finetune_job(model, job: Job, ft_cfg, inits, seeds, data: dict, *, num_class
 
 def check(cfg: CollapseConfig, loaded: prepare.Loaded) -> None:
     """Block names must be blocks of the backbone."""
+    require_classification(loaded, "hpft collapse (neural-collapse metrics over classes)")
     plan(cfg, loaded.model)
 
 

@@ -47,11 +47,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpft_jax import energy, errors, ft, parallel, prepare, steps
+from hpft_jax import errors, ft, parallel, prepare, steps, tasks
 from hpft_jax.config import SweepConfig
 from hpft_jax.experiment import Experiment, sweep_field
 from hpft_jax.flags import option
-from hpft_jax.losses import accuracy, cross_entropy
 from hpft_jax.outputs import md_table, plt, save_figure
 from hpft_jax.progress import bar
 from hpft_jax.rng import FT_DATA, probe_indices, seed_key
@@ -207,16 +206,18 @@ def make_programs(model, ft_cfg, *, num_classes: int, num_train: int, x_probe, m
     factors = jax.jit(lambda p, s, xp: make_drift_fn(backbone_fn(s), xp).factors(p))
     from_factors = make_drift_fn(backbone_fn({}), x_probe).from_factors
 
+    task = tasks.of(model)
+
     def evaluate(params, stats, data):
+        """Eval mode; ``*_acc`` is the task's metric (accuracy, or ROC-AUC)."""
         v = steps.variables(params, stats)
         logits, _ = steps.predict(model, v, data["train_x"])
         y = data["train_y"]
-        out = {"train_acc": accuracy(logits, y),
-               "train_loss": cross_entropy(logits, jax.nn.one_hot(y, num_classes)),
-               "aie": energy.aie(logits, y)}
+        out = {"train_acc": task.metric(logits, y), "train_loss": task.loss(logits, y, 1.0),
+               "aie": task.energy(logits, y)}
         for split in ("val", "test"):
             xs = data[f"{split}_x"]
-            out[f"{split}_acc"] = (accuracy(steps.predict(model, v, xs)[0], data[f"{split}_y"])
+            out[f"{split}_acc"] = (task.metric(steps.predict(model, v, xs)[0], data[f"{split}_y"])
                                    if xs.shape[0] else jnp.float32(jnp.nan))
         return out
 

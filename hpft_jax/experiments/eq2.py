@@ -59,7 +59,7 @@ import numpy as np
 
 from hpft_jax import ft, prepare, steps
 from hpft_jax.config import SweepConfig
-from hpft_jax.experiment import Experiment, sweep_field
+from hpft_jax.experiment import Experiment, require_classification, sweep_field
 from hpft_jax.flags import option
 from hpft_jax.models import MLPBackbone, make_classifier
 from hpft_jax.outputs import md_table, plt, save_figure
@@ -393,6 +393,7 @@ def _rec_key(r: dict) -> tuple:
 
 def check(cfg: Eq2Config, loaded: prepare.Loaded) -> None:
     """Probe count, batch prefix and FT steps must fit the data and FT schedule."""
+    require_classification(loaded, "hpft eq2 (Eq. 2's residual e_y − p of a softmax)")
     check_sizes(cfg, cfg.sweep.ft, num_train=loaded.num_train,
                 num_probe_pool=getattr(loaded.ds, cfg.probe_split).x.shape[0])
 

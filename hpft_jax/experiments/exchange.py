@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpft_jax import checkpoint, hp, prepare, steps, sweep
+from hpft_jax import checkpoint, hp, prepare, steps, sweep, tasks
 from hpft_jax.config import SweepConfig, default_taus
 from hpft_jax.experiment import Experiment, sweep_field
 from hpft_jax.flags import option
@@ -95,23 +95,21 @@ class ExchangeConfig:
 
 
 def make_exchange_fn(model, *, reinit_blocks: int = 0, chunk: int = 512):
-    """``fn(variables, x, y) -> correct`` (n, n, N) bool, ``correct[j, i, m]``
-    telling whether head j on backbone i classifies example m right.
+    """``fn(variables, x) -> logits`` (n, n, N, ...), ``logits[j, i]`` being
+    head j's output on backbone i's features of the examples x (N, ...).
 
     ``variables = {"params", "batch_stats"}`` stacked over n finetuned runs
-    (leading axis n); x (N, ...), y (N,). Each backbone's trunk features are
-    computed once (``lax.map`` over backbones bounds memory to one backbone's
-    features); all heads then run on them under ``vmap``. Jitted. Averaging
-    over m gives the accuracy matrix; several splits can go in one call.
+    (leading axis n). Each backbone's trunk features are computed once
+    (``lax.map`` over backbones bounds memory to one backbone's features);
+    all heads then run on them under ``vmap``. Jitted.
     """
 
-    def fn(variables, x, y):
+    def fn(variables, x):
         head_p, head_s, body_p, body_s, split = hp.split_head(model, variables, reinit_blocks)
 
         def one_head(bp, bs, h, hp_, hs):
             v = steps.variables(merge(bp, hp_), merge(bs, hs))
-            logits, _ = steps.predict(model, v, h, method=model.top, split=split, chunk=chunk)
-            return jnp.argmax(logits, axis=-1) == y
+            return steps.predict(model, v, h, method=model.top, split=split, chunk=chunk)[0]
 
         def one_backbone(args):
             bp, bs = args
@@ -119,23 +117,27 @@ def make_exchange_fn(model, *, reinit_blocks: int = 0, chunk: int = 512):
                               split=split, chunk=chunk)
             return jax.vmap(one_head, in_axes=(None, None, None, 0, 0))(bp, bs, h, head_p, head_s)
 
-        by_backbone = jax.lax.map(one_backbone, (body_p, body_s))  # (n_backbone, n_head, N)
+        by_backbone = jax.lax.map(one_backbone, (body_p, body_s))  # (n_backbone, n_head, N, ...)
         return jnp.swapaxes(by_backbone, 0, 1)
 
     return jax.jit(fn)
 
 
-def exchange_accuracy(fn, variables, splits: dict) -> dict[str, np.ndarray]:
-    """``{name: acc (n_head, n_backbone)}`` for ``splits = {name: (x, y)}``,
-    all evaluated in one call of ``fn`` (:func:`make_exchange_fn`)."""
+def exchange_accuracy(fn, variables, splits: dict, task=None) -> dict[str, np.ndarray]:
+    """``{name: metric (n_head, n_backbone)}`` for ``splits = {name: (x, y)}``:
+    the task's evaluation metric (accuracy; ROC-AUC for multi-label tasks) of
+    every head on every backbone, all splits in one call of ``fn``
+    (:func:`make_exchange_fn`)."""
+    task = tasks.get("classification") if task is None else task
     names = [k for k, (x, _) in splits.items() if x.shape[0]]
     if not names:
         raise ValueError("every split is empty")
     x = np.concatenate([splits[k][0] for k in names])
-    y = np.concatenate([splits[k][1] for k in names])
-    correct = np.asarray(fn(variables, jnp.asarray(x), jnp.asarray(y)))
+    logits = fn(variables, jnp.asarray(x))
+    metric = jax.jit(jax.vmap(jax.vmap(task.metric, in_axes=(0, None)), in_axes=(0, None)))
     bounds = np.cumsum([0] + [splits[k][0].shape[0] for k in names])
-    return {k: correct[..., a:b].mean(axis=-1) for k, a, b in zip(names, bounds[:-1], bounds[1:])}
+    return {k: np.asarray(metric(logits[:, :, a:b], jnp.asarray(splits[k][1])))
+            for k, a, b in zip(names, bounds[:-1], bounds[1:])}
 
 
 def load_finals(run: RunDir, taus, seed: int) -> dict:
@@ -168,8 +170,9 @@ def run(cfg: ExchangeConfig, run: RunDir, loaded: prepare.Loaded, *,
         if seed in done:
             continue
         finals = load_finals(run, taus, seed)
-        mats = exchange_accuracy(fn, finals, {name: (s.x, s.y) for name, s in
-                                              zip(SPLITS, (ds.train, ds.val, ds.test))})
+        mats = exchange_accuracy(fn, finals, task=tasks.of(loaded.model),
+                                 splits={name: (s.x, s.y) for name, s in
+                                         zip(SPLITS, (ds.train, ds.val, ds.test))})
         run.log("exchange", seed=int(seed), taus=taus, rows="head", cols="backbone",
                 **{f"{k}_acc": v.tolist() for k, v in mats.items()})
 

@@ -66,7 +66,7 @@ import scipy.stats
 
 from hpft_jax import checkpoint, energy, prepare, steps as steps_lib, sweep
 from hpft_jax.config import SweepConfig
-from hpft_jax.experiment import Experiment, sweep_field
+from hpft_jax.experiment import Experiment, require_classification, sweep_field
 from hpft_jax.flags import opt_int_or_all, option
 from hpft_jax.outputs import md_table, mean_std, plt
 from hpft_jax.progress import bar
@@ -351,6 +351,7 @@ def _key(rec) -> tuple:
 
 def check(cfg: Prop1Config, loaded: prepare.Loaded) -> None:
     """The probe count must fit the downstream training set."""
+    require_classification(loaded, "hpft prop1 (Prop. 1's bound for softmax cross-entropy)")
     if cfg.n_probes > loaded.num_train:
         raise ValueError(f"n_probes={cfg.n_probes} exceeds the {loaded.num_train} "
                          "training samples")
