@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
-from hpft_jax import flags, pretrain, prepare, report, sweep
+from hpft_jax import flags, jobarray, pretrain, prepare, report, sweep
 
 
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,6 +20,12 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
 def _sweep(args: argparse.Namespace) -> None:
     cfg = flags.sweep_config(args)
     run = sweep.run_sweep(cfg, progress=not args.quiet, save_final=args.save_final)
+    i, n = cfg.shard
+    if n > 1:  # a shard writes only its own results; `hpft report` merges them
+        left = jobarray.missing(run)
+        print(f"shard {i}/{n} done; {len(left)} FT runs of the sweep not logged yet; "
+              f"when every shard is done: hpft report {run.path}")
+        return
     report.report(run.path, write_figures=not args.no_figures)
 
 
@@ -42,6 +49,10 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
+    left = jobarray.missing(args.run_dir) if os.path.isdir(args.run_dir) else []
+    if left:
+        print(f"hpft report: note: {len(left)} FT runs of the sweep are not logged yet "
+              f"(first: {left[0].label}); the report covers the others", file=sys.stderr)
     report.report(args.run_dir, write_figures=not args.no_figures)
 
 
