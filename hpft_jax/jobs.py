@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from hpft_jax import flags, jobarray, pretrain, prepare, report, sweep
+from hpft_jax import flags, jobarray, parallel, pretrain, prepare, report, sweep
 
 
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,11 +15,17 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     flags.add_output_flags(p, report_only=False)
     p.add_argument("--save-final", action="store_true",
                    help="keep every finetuned model under checkpoints/final/")
+    p.add_argument("--mesh", default="data",
+                   help="device mesh: 'data' (batches split over the local devices), 'runs' "
+                        "(the vmapped FT runs split over them, R/n per device) or 'R,D' "
+                        "(R run groups x D-way data parallel); results agree to float "
+                        "tolerance (default: data)")
 
 
 def _sweep(args: argparse.Namespace) -> None:
     cfg = flags.sweep_config(args)
-    run = sweep.run_sweep(cfg, progress=not args.quiet, save_final=args.save_final)
+    mesh = parallel.parse_mesh(args.mesh)  # a bad mesh fails before anything is written
+    run = sweep.run_sweep(cfg, progress=not args.quiet, save_final=args.save_final, mesh=mesh)
     i, n = cfg.shard
     if n > 1:  # a shard writes only its own results; `hpft report` merges them
         left = jobarray.missing(run)

@@ -307,9 +307,10 @@ def prepare(cfg: config_lib.SweepConfig, run: RunDir, *, loaded: Loaded | None =
     """Pretrained backbone (cached) and, with ``with_hp``, the HP snapshots."""
     loaded = load(cfg) if loaded is None else loaded
     mesh = parallel.data_mesh() if mesh is None else mesh
-    pre_vars = pretrained_for(cfg, run, mesh=mesh, progress=progress)
+    pre_vars = pretrained_for(cfg, run, mesh=parallel.flat(mesh), progress=progress)
     base, _ = base_variables(loaded.model, pre_vars, cfg.model.reinit_blocks,
                              loaded.x_example())
-    probe = (load_or_probe(cfg, run, loaded.model, base, loaded.ds, mesh=mesh, progress=progress)
+    probe = (load_or_probe(cfg, run, loaded.model, base, loaded.ds, mesh=parallel.flat(mesh),
+                           progress=progress)
              if with_hp else None)
     return Prepared(cfg, loaded, mesh, base, probe)

@@ -85,16 +85,19 @@ def run_dir(cfg: config_lib.SweepConfig) -> RunDir:
     return RunDir(os.path.join(cfg.runs_dir, cfg.name), tuple(cfg.shard))
 
 
-def run_sweep(cfg: config_lib.SweepConfig, *, progress: bool = True, **kwargs) -> RunDir:
+def run_sweep(cfg: config_lib.SweepConfig, *, progress: bool = True, mesh=None,
+              **kwargs) -> RunDir:
     """Run (or continue) the sweep; returns its :class:`RunDir`.
 
-    Data and model are checked before ``config.json`` is written; keyword
-    arguments go to :func:`finetune_runs`.
+    Data and model are checked before ``config.json`` is written; ``mesh``
+    (default: data-parallel over the local devices) may carry a runs axis
+    (:func:`hpft_jax.parallel.runs_mesh`); other keyword arguments go to
+    :func:`finetune_runs`.
     """
     prep_lib.warn_opposite_energy(cfg)
     run = run_dir(cfg)
     loaded = prep_lib.load(cfg)
     run.write_config(cfg)
-    prep = prep_lib.prepare(cfg, run, loaded=loaded, progress=progress)
+    prep = prep_lib.prepare(cfg, run, loaded=loaded, mesh=mesh, progress=progress)
     finetune_runs(prep, run, progress=progress, **kwargs)
     return run
