@@ -26,6 +26,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or unreadable."""
 
 
+def _process_local() -> dict:
+    """Orbax options under ``jax.distributed``: every process checkpoints on
+    its own (``active_processes={i}``), so process 0 can write the shared
+    checkpoints while the others wait elsewhere; empty with one process."""
+    if jax.process_count() == 1:
+        return {}
+    i = jax.process_index()
+    return {"multiprocessing_options": ocp.options.MultiprocessingOptions(
+        primary_host=i, active_processes={i}, barrier_sync_key_prefix=f"hpft-p{i}")}
+
+
 def _abstract(tree: Any) -> Any:
     return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -38,7 +49,7 @@ def exists(path: str) -> bool:
 def _write_tree(path: str, tree: Any, meta: dict) -> None:
     """Write ``tree`` and ``meta`` into the new directory ``path`` (not atomic)."""
     os.makedirs(path)
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = ocp.StandardCheckpointer(**_process_local())
     ckptr.save(os.path.join(path, "tree"), tree)
     ckptr.wait_until_finished()
     ckptr.close()
@@ -117,7 +128,7 @@ def load_tree(path: str, like: Any | None = None) -> tuple[Any, dict]:
     try:
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
-        ckptr = ocp.StandardCheckpointer()
+        ckptr = ocp.StandardCheckpointer(**_process_local())
         target = os.path.join(path, "tree")
         tree = ckptr.restore(target) if like is None else ckptr.restore(target, _abstract(like))
         ckptr.close()
@@ -133,8 +144,12 @@ class EpochCheckpointer:
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
+        local = _process_local()
+        if local:  # orbax will not create the root for a subset of processes
+            os.makedirs(self.path, exist_ok=True)
         self._mgr = ocp.CheckpointManager(
-            self.path, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+            self.path, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=not local,
+                                                         **local))
 
     def latest(self) -> int | None:
         return self._mgr.latest_step()
