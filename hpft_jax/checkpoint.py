@@ -3,17 +3,19 @@
 Two uses:
 
 * :func:`save_tree` / :func:`load_tree`: one pytree plus a JSON meta file in a
-  directory (the pretrained backbone, HP snapshots). Writes are atomic: orbax
-  commits into a temporary directory and renames it.
+  directory (the pretrained backbone, HP snapshots). Writes are atomic: the
+  whole directory is written under a temporary name and renamed into place.
 * :class:`EpochCheckpointer`: the latest training state of a loop, keyed by
   epoch, so an interrupted FT resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 from typing import Any
 
 import jax
@@ -22,6 +24,17 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or unreadable."""
+
+
+def _process_local() -> dict:
+    """Orbax options under ``jax.distributed``: every process checkpoints on
+    its own (``active_processes={i}``), so process 0 can write the shared
+    checkpoints while the others wait elsewhere; empty with one process."""
+    if jax.process_count() == 1:
+        return {}
+    i = jax.process_index()
+    return {"multiprocessing_options": ocp.options.MultiprocessingOptions(
+        primary_host=i, active_processes={i}, barrier_sync_key_prefix=f"hpft-p{i}")}
 
 
 def _abstract(tree: Any) -> Any:
@@ -33,13 +46,10 @@ def exists(path: str) -> bool:
         os.path.join(path, "tree"))
 
 
-def save_tree(path: str, tree: Any, meta: dict) -> None:
-    """Write ``tree`` (arrays) and ``meta`` (JSON) under ``path``; replaces it."""
-    path = os.path.abspath(path)
-    if os.path.exists(path):
-        shutil.rmtree(path)
+def _write_tree(path: str, tree: Any, meta: dict) -> None:
+    """Write ``tree`` and ``meta`` into the new directory ``path`` (not atomic)."""
     os.makedirs(path)
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = ocp.StandardCheckpointer(**_process_local())
     ckptr.save(os.path.join(path, "tree"), tree)
     ckptr.wait_until_finished()
     ckptr.close()
@@ -47,6 +57,60 @@ def save_tree(path: str, tree: Any, meta: dict) -> None:
     with open(os.path.join(path, "meta.json.tmp"), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
     os.replace(os.path.join(path, "meta.json.tmp"), os.path.join(path, "meta.json"))
+
+
+def _suffix() -> str:
+    """Unique per process across hosts (job-array shards share a file system)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def save_tree(path: str, tree: Any, meta: dict) -> None:
+    """Write ``tree`` (arrays) and ``meta`` (JSON) at ``path``, atomically.
+
+    The checkpoint is written into a sibling temporary directory and renamed
+    into place, so a reader (or a crash) sees the old checkpoint or the new
+    one, never a half-written one; a kill leaves at most a
+    ``.tmp-HOST-PID`` sibling, which :func:`remove_stale` deletes.
+    """
+    path = os.path.abspath(path.rstrip(os.sep))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp, old = f"{path}.tmp-{_suffix()}", f"{path}.old-{_suffix()}"
+    try:
+        _write_tree(tmp, tree, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    moved = os.path.exists(path)
+    if moved:
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        # Another writer renamed its complete copy in between: keep that one.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if moved and not os.path.exists(path):
+            os.rename(old, path)
+        if not exists(path):
+            raise
+    if moved and os.path.exists(old):
+        shutil.rmtree(old)
+
+
+# Kept for callers of the earlier name; every write is atomic now.
+save_tree_atomic = save_tree
+
+
+def remove_stale(path: str) -> list[str]:
+    """Delete ``path``'s ``.tmp-*``/``.old-*`` siblings left by killed writers.
+
+    Call it only while holding the stage's lock (:mod:`hpft_jax.locks`), when
+    no other process can be writing them. Returns the removed paths.
+    """
+    path = os.path.abspath(path.rstrip(os.sep))
+    stale = glob.glob(glob.escape(path) + ".tmp-*") + glob.glob(glob.escape(path) + ".old-*")
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def load_tree(path: str, like: Any | None = None) -> tuple[Any, dict]:
@@ -64,7 +128,7 @@ def load_tree(path: str, like: Any | None = None) -> tuple[Any, dict]:
     try:
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
-        ckptr = ocp.StandardCheckpointer()
+        ckptr = ocp.StandardCheckpointer(**_process_local())
         target = os.path.join(path, "tree")
         tree = ckptr.restore(target) if like is None else ckptr.restore(target, _abstract(like))
         ckptr.close()
@@ -80,8 +144,12 @@ class EpochCheckpointer:
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
+        local = _process_local()
+        if local:  # orbax will not create the root for a subset of processes
+            os.makedirs(self.path, exist_ok=True)
         self._mgr = ocp.CheckpointManager(
-            self.path, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+            self.path, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=not local,
+                                                         **local))
 
     def latest(self) -> int | None:
         return self._mgr.latest_step()
@@ -110,31 +178,3 @@ class EpochCheckpointer:
         self._mgr.close()
         if delete and os.path.exists(self.path):
             shutil.rmtree(self.path)
-
-
-def save_tree_atomic(path: str, tree: Any, meta: dict) -> None:
-    """:func:`save_tree` into a sibling temporary directory, then rename it.
-
-    A crash leaves either the old checkpoint or the new one at ``path``,
-    never a half-written one (at worst a ``.tmp-*`` sibling to delete).
-    """
-    path = os.path.abspath(path.rstrip(os.sep))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    old = f"{path}.old-{os.getpid()}"
-    try:
-        save_tree(tmp, tree, meta)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    moved = os.path.exists(path)
-    if moved:
-        os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        if moved:
-            os.rename(old, path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if moved:
-        shutil.rmtree(old)

@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args._cmd.run(args)
-    except (ValueError, FileNotFoundError, CheckpointError, CheckpointMismatchError,
-            NonFiniteLossError) as e:
+    except (ValueError, FileNotFoundError, TimeoutError, CheckpointError,
+            CheckpointMismatchError, NonFiniteLossError) as e:
         print(f"hpft {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

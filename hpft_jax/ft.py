@@ -158,7 +158,8 @@ def _epoch_program(model, ft_cfg, num_classes: int, num_train: int, mesh, augmen
     ``finetune`` call per τ) reuse one compiled program."""
     epoch = make_ft_epoch(model, ft_cfg, num_classes=num_classes, num_train=num_train,
                           mesh=mesh, augment=augment)
-    return jax.jit(jax.vmap(epoch, in_axes=(0, None, 0, None, 0)), donate_argnums=0)
+    return jax.jit(jax.vmap(epoch, in_axes=(0, None, 0, None, 0),
+                            spmd_axis_name=parallel.spmd_axis(mesh)), donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=16)
@@ -223,18 +224,20 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
                          "(set val_fraction > 0)")
     nb = steps.num_batches(n, ft_cfg.batch_size)
     names = names or [f"run {i}" for i in range(len(inits))]
+    num_runs = len(inits)  # padded to a multiple of the mesh's runs axis:
+    inits, seeds, names = (parallel.pad_runs(v, mesh) for v in (inits, seeds, names))
     dev = parallel.put_replicated({k: jnp.asarray(v) for k, v in data.items()}, mesh)
-    keys = jnp.stack([seed_key(s, FT_DATA) for s in seeds])
+    keys = parallel.put_runs(jnp.stack([seed_key(s, FT_DATA) for s in seeds]), mesh)
 
     params0, stats0 = _stack([p for p, _ in inits]), _stack([s for _, s in inits])
     if trainable is not None:
         train0, frozen = partition(params0, trainable)
         if not jax.tree_util.tree_leaves(train0):
             raise ValueError("trainable selects no parameter")
-        frozen = parallel.put_replicated(frozen, mesh)
+        frozen = parallel.put_runs(frozen, mesh)
     else:
         train0, frozen = params0, None
-    train0, stats0 = parallel.put_replicated((train0, stats0), mesh)
+    train0, stats0 = parallel.put_runs((train0, stats0), mesh)
     carry = _init_program(ft_cfg, n)(train0, stats0)
     full = (lambda p: merge(frozen, p)) if frozen else (lambda p: p)  # noqa: E731
 
@@ -254,7 +257,7 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
         if restored is not None:
             start, carry, meta = restored
             start += 1
-            carry = parallel.put_replicated(carry, mesh)
+            carry = parallel.put_runs(carry, mesh)
             history = {k: [np.asarray(v) for v in vs] for k, vs in meta["history"].items()}
             direction = [np.asarray(v) for v in meta["direction"]]
 
@@ -294,7 +297,7 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     hist = {k: np.stack(v, axis=1) for k, v in history.items()}  # (R, epochs)
     dirn = np.concatenate(direction, axis=1)[:, : ft_cfg.direction_steps] if direction else None
     results = []
-    for r in range(len(inits)):
+    for r in range(num_runs):
         be = int(best_epoch[r])
         results.append({
             "epochs_run": int(hist["active"][r].sum()),
@@ -313,4 +316,4 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     final = {"params": full(carry.best_params), "batch_stats": carry.best_stats}
     if ckpt is not None:
         ckpt.close()
-    return results, jax.device_get(final)
+    return results, jax.tree_util.tree_map(lambda a: a[:num_runs], jax.device_get(final))

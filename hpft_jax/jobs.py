@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
-from hpft_jax import flags, presets, pretrain, prepare, report, sweep
+import jax
+
+from hpft_jax import flags, jobarray, multihost, parallel, presets, pretrain, prepare, report
+from hpft_jax import sweep
 
 
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,11 +21,40 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(presets.PRESETS), default=None,
                    help="start from a named configuration (gcn: the paper's graph setting; "
                         "hpft_jax/presets.py); flags override it")
+    p.add_argument("--mesh", default="data",
+                   help="device mesh: 'data' (batches split over the local devices), 'runs' "
+                        "(the vmapped FT runs split over them, R/n per device) or 'R,D' "
+                        "(R run groups x D-way data parallel); results agree to float "
+                        "tolerance (default: data)")
+    g = p.add_argument_group("several processes (jax.distributed; see README 'Scaling out')")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address; with --num-processes and --process-id "
+                        "(none of the three: JAX detects SLURM/TPU/MPI clusters itself)")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+    g.add_argument("--init-timeout", type=int, default=300, metavar="S",
+                   help="give up joining after S seconds (default: 300)")
 
 
 def _sweep(args: argparse.Namespace) -> None:
     cfg = flags.sweep_config(args, presets.get(args.preset))
-    run = sweep.run_sweep(cfg, progress=not args.quiet, save_final=args.save_final)
+    explicit = multihost.check_flags(args.coordinator, args.num_processes, args.process_id)
+    if explicit or multihost.cluster_detected():
+        multihost.initialize(args.coordinator, args.num_processes, args.process_id,
+                             timeout_s=args.init_timeout)
+    mesh = parallel.parse_mesh(args.mesh)  # a bad mesh fails before anything is written
+    if jax.process_count() > 1:
+        run = multihost.run_sweep(cfg, progress=not args.quiet, mesh=mesh)
+        if jax.process_index() == 0:  # only process 0 writes the report
+            report.report(run.path, write_figures=not args.no_figures)
+        return
+    run = sweep.run_sweep(cfg, progress=not args.quiet, save_final=args.save_final, mesh=mesh)
+    i, n = cfg.shard
+    if n > 1:  # a shard writes only its own results; `hpft report` merges them
+        left = jobarray.missing(run)
+        print(f"shard {i}/{n} done; {len(left)} FT runs of the sweep not logged yet; "
+              f"when every shard is done: hpft report {run.path}")
+        return
     report.report(run.path, write_figures=not args.no_figures)
 
 
@@ -45,6 +78,10 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
+    left = jobarray.missing(args.run_dir) if os.path.isdir(args.run_dir) else []
+    if left:
+        print(f"hpft report: note: {len(left)} FT runs of the sweep are not logged yet "
+              f"(first: {left[0].label}); the report covers the others", file=sys.stderr)
     report.report(args.run_dir, write_figures=not args.no_figures)
 
 

@@ -27,7 +27,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hpft_jax import checkpoint, config as config_lib, data as data_lib, hp, parallel, pretrain
+from hpft_jax import checkpoint, config as config_lib, data as data_lib, hp, locks, parallel
+from hpft_jax import pretrain
 from hpft_jax import weights
 from hpft_jax.flags import file_sha256
 from hpft_jax.models import make_backbone, make_classifier
@@ -171,6 +172,9 @@ def pretrained_for(cfg: config_lib.SweepConfig, run: RunDir, *, mesh=None,
     """The pretrained variables for ``cfg``: imported (``init_from``) or
     pretrained and cached; logged once per run."""
     logged = any(True for _ in run.records("pretrain"))
+    if not logged:  # checked again under pretraining's lock: concurrent shards log it once
+        log = lambda *a, **kw: (None if any(True for _ in run.records("pretrain"))  # noqa: E731
+                                else run.log(*a, **kw))
     if cfg.pretrain.init_from is not None:
         meta = check_init_from(cfg)
         variables, _ = weights.load_imported(cfg.pretrain.init_from)
@@ -182,7 +186,7 @@ def pretrained_for(cfg: config_lib.SweepConfig, run: RunDir, *, mesh=None,
         return variables
     pre_vars, _ = pretrain.get_or_train(cfg.data, cfg.model, cfg.pretrain, cfg.runs_dir,
                                         mesh=mesh, progress=progress,
-                                        log=None if logged else run.log)
+                                        log=None if logged else log)
     return pre_vars
 
 
@@ -223,6 +227,12 @@ def load_or_probe(cfg: config_lib.SweepConfig, run: RunDir, model, base: dict,
     """HP snapshots of every variant and τ, from the run's checkpoint when it
     exists (then HP is not rerun); HP records are logged once."""
     path = run.checkpoints("hp")
+    # Concurrent shards: one probes and logs, the others wait and read the snapshots.
+    with locks.stage(path, "head probing", progress=progress):
+        return _load_or_probe(cfg, run, model, base, ds, path, mesh=mesh, progress=progress)
+
+
+def _load_or_probe(cfg, run, model, base, ds, path, *, mesh, progress) -> hp.Probe:
     _, _, fparams, fstats, split = hp.split_head(model, base, cfg.model.reinit_blocks)
     if checkpoint.exists(path):
         tree, meta = checkpoint.load_tree(path)
@@ -232,6 +242,7 @@ def load_or_probe(cfg: config_lib.SweepConfig, run: RunDir, model, base: dict,
             snaps[(v, int(t))] = (val["params"], val.get("batch_stats", {}) or {})
         probe = hp.Probe(split, fparams, fstats, snaps, meta["records"])
     else:
+        checkpoint.remove_stale(path)
         probe = hp.probe(model, base, ds.train.x, ds.train.y, cfg.hp, seeds=list(cfg.seeds),
                          variants=variants(cfg), reinit_blocks=cfg.model.reinit_blocks,
                          num_classes=ds.num_classes, augment=cfg.data.augment, mesh=mesh,
@@ -296,9 +307,10 @@ def prepare(cfg: config_lib.SweepConfig, run: RunDir, *, loaded: Loaded | None =
     """Pretrained backbone (cached) and, with ``with_hp``, the HP snapshots."""
     loaded = load(cfg) if loaded is None else loaded
     mesh = parallel.data_mesh() if mesh is None else mesh
-    pre_vars = pretrained_for(cfg, run, mesh=mesh, progress=progress)
+    pre_vars = pretrained_for(cfg, run, mesh=parallel.flat(mesh), progress=progress)
     base, _ = base_variables(loaded.model, pre_vars, cfg.model.reinit_blocks,
                              loaded.x_example())
-    probe = (load_or_probe(cfg, run, loaded.model, base, loaded.ds, mesh=mesh, progress=progress)
+    probe = (load_or_probe(cfg, run, loaded.model, base, loaded.ds, mesh=parallel.flat(mesh),
+                           progress=progress)
              if with_hp else None)
     return Prepared(cfg, loaded, mesh, base, probe)

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpft_jax import checkpoint, config as config_lib, data as data_lib, errors, parallel, steps
-from hpft_jax import tasks
+from hpft_jax import checkpoint, config as config_lib, data as data_lib, errors, locks, parallel
+from hpft_jax import steps, tasks
 from hpft_jax.models import make_classifier
 from hpft_jax.progress import bar
 
@@ -110,19 +110,23 @@ def get_or_train(data_cfg, model_cfg, pre_cfg, runs_dir: str, *, mesh=None,
     ``log(event, **fields)`` is called once with the outcome.
     """
     path = pretrained_dir(runs_dir, data_cfg, model_cfg, pre_cfg)
-    if checkpoint.exists(path):
-        tree, meta = checkpoint.load_tree(path)
-        reused = True
-    else:
-        source = data_lib.load_source(data_cfg)
-        tree, metrics = train(data_cfg, model_cfg, pre_cfg, source, mesh=mesh, progress=progress)
-        meta = {"data": config_lib.to_dict(data_cfg),
-                "model": config_lib.to_dict(source_model_config(model_cfg)),
-                "pretrain": config_lib.to_dict(pre_cfg),
-                "num_classes": int(source.num_classes), "metrics": metrics}
-        checkpoint.save_tree(path, tree, meta)
-        reused = False
-    tree = {"params": tree["params"], "batch_stats": tree.get("batch_stats", {}) or {}}
-    if log is not None:
-        log("pretrain", path=path, reused=reused, **meta.get("metrics", {}))
+    # Concurrent shards: one trains, the others wait and read its checkpoint.
+    with locks.stage(path, "pretraining", progress=progress):
+        if checkpoint.exists(path):
+            tree, meta = checkpoint.load_tree(path)
+            reused = True
+        else:
+            checkpoint.remove_stale(path)
+            source = data_lib.load_source(data_cfg)
+            tree, metrics = train(data_cfg, model_cfg, pre_cfg, source, mesh=mesh,
+                                  progress=progress)
+            meta = {"data": config_lib.to_dict(data_cfg),
+                    "model": config_lib.to_dict(source_model_config(model_cfg)),
+                    "pretrain": config_lib.to_dict(pre_cfg),
+                    "num_classes": int(source.num_classes), "metrics": metrics}
+            checkpoint.save_tree(path, tree, meta)
+            reused = False
+        tree = {"params": tree["params"], "batch_stats": tree.get("batch_stats", {}) or {}}
+        if log is not None:
+            log("pretrain", path=path, reused=reused, **meta.get("metrics", {}))
     return tree, meta

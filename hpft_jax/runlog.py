@@ -76,7 +76,7 @@ class RunDir:
             if not resume:
                 raise ValueError(f"{self.path} exists; pass --resume to continue it")
             return
-        tmp = self.config_file + ".tmp"
+        tmp = f"{self.config_file}.tmp-{os.getpid()}"  # concurrent shards write it too
         with open(tmp, "w") as f:
             f.write(config_lib.dumps(cfg))
         os.replace(tmp, self.config_file)

@@ -55,29 +55,37 @@ def finetune_runs(prep: prep_lib.Prepared, run: RunDir, *, progress: bool = True
     tests). ``ckpt_every_s``: FT checkpoint interval (0: every epoch).
     ``save_final`` keeps each run's finetuned variables (:func:`final_dir`).
     """
-    cfg, ds = prep.cfg, prep.ds
     finished = {(r["variant"], r["seed"], r["tau"]) for r in run.records("ft")}
-    todo = [k for k in prep_lib.plan(cfg) if tuple(k) not in finished]
-    data = prep.arrays()
-    etas = prep_lib.variants(cfg)
-    for gi, group in enumerate(g for g in batch_groups(todo, cfg) if g):
+    todo = [k for k in prep_lib.plan(prep.cfg) if tuple(k) not in finished]
+    for gi, group in enumerate(g for g in batch_groups(todo, prep.cfg) if g):
         if stop_after_groups is not None and gi >= stop_after_groups:
             raise KeyboardInterrupt(f"stopped after {gi} FT groups (test hook)")
-        gid = group_id(group)
-        results, final = ft.finetune(
-            prep.model, cfg.ft, prep.inits(group), [k.seed for k in group], data,
-            ds.train.x, ds.train.y, num_classes=ds.num_classes, augment=cfg.data.augment,
-            mesh=prep.mesh, ckpt_dir=run.checkpoints("ft", gid), names=[k.label for k in group],
-            progress=progress, stop_after_epochs=stop_after_epochs, ckpt_every_s=ckpt_every_s)
-        if save_final:
-            for r, k in enumerate(group):
-                tree = jax.tree_util.tree_map(lambda a: np.asarray(a[r]), final)
-                checkpoint.save_tree(final_dir(run, k), prep_lib.drop_empty(tree),
-                                     {"key": list(k)})
-        for k, res in zip(group, results):
-            run.log("ft", variant=k.variant, seed=k.seed, tau=k.tau, eta_hp=etas[k.variant],
-                    eta_ft=cfg.ft.eta, **res)
-        shutil.rmtree(run.checkpoints("ft", gid), ignore_errors=True)
+        for rec in finetune_group(prep, run, group, progress=progress,
+                                  stop_after_epochs=stop_after_epochs,
+                                  save_final=save_final, ckpt_every_s=ckpt_every_s):
+            run.log("ft", **rec)
+        shutil.rmtree(run.checkpoints("ft", group_id(group)), ignore_errors=True)
+
+
+def finetune_group(prep: prep_lib.Prepared, run: RunDir, group: list[RunKey], *,
+                   progress: bool = True, stop_after_epochs: int | None = None,
+                   save_final: bool = False, ckpt_every_s: float = 30.0) -> list[dict]:
+    """FT of one vmapped group of runs; returns their ``ft`` records (not logged)."""
+    cfg, ds = prep.cfg, prep.ds
+    etas = prep_lib.variants(cfg)
+    results, final = ft.finetune(
+        prep.model, cfg.ft, prep.inits(group), [k.seed for k in group], prep.arrays(),
+        ds.train.x, ds.train.y, num_classes=ds.num_classes, augment=cfg.data.augment,
+        mesh=prep.mesh, ckpt_dir=run.checkpoints("ft", group_id(group)),
+        names=[k.label for k in group], progress=progress,
+        stop_after_epochs=stop_after_epochs, ckpt_every_s=ckpt_every_s)
+    if save_final:
+        for r, k in enumerate(group):
+            tree = jax.tree_util.tree_map(lambda a: np.asarray(a[r]), final)
+            checkpoint.save_tree(final_dir(run, k), prep_lib.drop_empty(tree),
+                                 {"key": list(k)})
+    return [dict(variant=k.variant, seed=k.seed, tau=k.tau, eta_hp=etas[k.variant],
+                 eta_ft=cfg.ft.eta, **res) for k, res in zip(group, results)]
 
 
 def run_dir(cfg: config_lib.SweepConfig) -> RunDir:
@@ -85,16 +93,19 @@ def run_dir(cfg: config_lib.SweepConfig) -> RunDir:
     return RunDir(os.path.join(cfg.runs_dir, cfg.name), tuple(cfg.shard))
 
 
-def run_sweep(cfg: config_lib.SweepConfig, *, progress: bool = True, **kwargs) -> RunDir:
+def run_sweep(cfg: config_lib.SweepConfig, *, progress: bool = True, mesh=None,
+              **kwargs) -> RunDir:
     """Run (or continue) the sweep; returns its :class:`RunDir`.
 
-    Data and model are checked before ``config.json`` is written; keyword
-    arguments go to :func:`finetune_runs`.
+    Data and model are checked before ``config.json`` is written; ``mesh``
+    (default: data-parallel over the local devices) may carry a runs axis
+    (:func:`hpft_jax.parallel.runs_mesh`); other keyword arguments go to
+    :func:`finetune_runs`.
     """
     prep_lib.warn_opposite_energy(cfg)
     run = run_dir(cfg)
     loaded = prep_lib.load(cfg)
     run.write_config(cfg)
-    prep = prep_lib.prepare(cfg, run, loaded=loaded, progress=progress)
+    prep = prep_lib.prepare(cfg, run, loaded=loaded, mesh=mesh, progress=progress)
     finetune_runs(prep, run, progress=progress, **kwargs)
     return run
