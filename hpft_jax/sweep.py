@@ -41,6 +41,23 @@ def group_id(keys) -> str:
     return hashlib.sha256(repr(sorted(keys)).encode()).hexdigest()[:12]
 
 
+PROJECT_INPUTS = 100  # fixed inputs whose z_0/z_T projection is logged (Fig. 3 middle)
+
+
+def projection_taus(taus, k: int = 4) -> tuple[int, ...]:
+    """Up to ``k`` τ spread over the list (first and last included) whose HP
+    runs of the first seed log the z_0/z_T projection."""
+    taus = list(taus)
+    picks = np.unique(np.round(np.linspace(0, len(taus) - 1, min(k, len(taus)))).astype(int))
+    return tuple(taus[i] for i in picks)
+
+
+def projected(key: RunKey, cfg: config_lib.SweepConfig) -> bool:
+    """Whether FT run ``key`` logs the projection (:func:`hpft_jax.ft.projection`)."""
+    return (key.variant == "hp" and key.seed == cfg.seeds[0]
+            and key.tau in projection_taus(cfg.hp.taus))
+
+
 def final_dir(run: RunDir, key: RunKey) -> str:
     """Where ``save_final`` keeps run ``key``'s finetuned variables."""
     return run.checkpoints("final", f"{key.variant}_tau{key.tau}_seed{key.seed}")
@@ -68,13 +85,16 @@ def finetune_runs(prep: prep_lib.Prepared, run: RunDir, *, progress: bool = True
             prep.model, cfg.ft, prep.inits(group), [k.seed for k in group], data,
             ds.train.x, ds.train.y, num_classes=ds.num_classes, augment=cfg.data.augment,
             mesh=prep.mesh, ckpt_dir=run.checkpoints("ft", gid), names=[k.label for k in group],
-            progress=progress, stop_after_epochs=stop_after_epochs, ckpt_every_s=ckpt_every_s)
+            progress=progress, stop_after_epochs=stop_after_epochs, ckpt_every_s=ckpt_every_s,
+            project=PROJECT_INPUTS if any(projected(k, cfg) for k in group) else 0)
         if save_final:
             for r, k in enumerate(group):
                 tree = jax.tree_util.tree_map(lambda a: np.asarray(a[r]), final)
                 checkpoint.save_tree(final_dir(run, k), prep_lib.drop_empty(tree),
                                      {"key": list(k)})
         for k, res in zip(group, results):
+            if not projected(k, cfg):
+                res.pop("projection", None)
             run.log("ft", variant=k.variant, seed=k.seed, tau=k.tau, eta_hp=etas[k.variant],
                     eta_ft=cfg.ft.eta, **res)
         shutil.rmtree(run.checkpoints("ft", gid), ignore_errors=True)
