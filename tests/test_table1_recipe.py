@@ -35,6 +35,7 @@ def readme_commands() -> list[str]:
             if line.startswith("hpft ")]
 
 
+@pytest.mark.slow  # ResNet-50 compiles (HP trunk, FT step, eval): ~4 min on a loaded 2-core CPU
 def test_readme_recipe_end_to_end(tmp_path, monkeypatch, capsys):
     torch = pytest.importorskip("torch")
     tfds = pytest.importorskip("tensorflow_datasets")
@@ -61,7 +62,8 @@ def test_readme_recipe_end_to_end(tmp_path, monkeypatch, capsys):
 
     name = sweep[sweep.index("--name") + 1]
     run = RunDir(os.path.join(runs, name))
-    cfg = C.from_dict(C.SweepConfig, json.load(open(run.config_file)))
+    with open(run.config_file) as f:
+        cfg = C.from_dict(C.SweepConfig, json.load(f))
     assert C.to_dict(cfg) == {**printed, "runs_dir": runs}
     # the preset's App. B.2 settings, the tiny overrides, the backbone's pipeline
     assert (cfg.hp.lr, cfg.ft.lr, cfg.ft.momentum, cfg.ft.schedule) == (1e-2, 3e-4, 0.9, "cosine")
@@ -84,7 +86,8 @@ def test_readme_recipe_end_to_end(tmp_path, monkeypatch, capsys):
     proj = {r["tau"]: r["projection"] for r in fts if "projection" in r}
     assert sorted(proj) == [0, 1, 2]
     assert len(proj[0]["z0"]) == len(proj[0]["y"]) == min(100, len(proj[0]["idx"]))
-    report = open(os.path.join(run.path, "report.md")).read()
+    with open(os.path.join(run.path, "report.md")) as f:
+        report = f.read()
     assert "best-validation model" in report and "--zt last" in report
     assert os.path.exists(os.path.join(run.path, "figures", "projection.png"))
 
