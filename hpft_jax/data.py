@@ -66,7 +66,7 @@ import struct
 import jax
 import numpy as np
 
-from hpft_jax import augment, pipeline
+from hpft_jax import augment, ogb, pipeline
 from hpft_jax.config import DataConfig
 
 __all__ = [
@@ -112,6 +112,17 @@ class Split:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class GraphSplit(Split):
+    """Molecules: x (N, V, C) int16 graph tables (:mod:`hpft_jax.gcn`),
+    y (N, T) float32 binary labels with NaN for missing; origin: graph ids."""
+
+    def __post_init__(self):
+        if self.x.ndim != 3 or self.y.ndim != 2 or self.y.shape[0] != self.x.shape[0]:
+            raise ValueError(f"GraphSplit needs x (N, V, C) and y (N, T); got {self.x.shape} "
+                             f"and {self.y.shape}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
     """A data set split three ways. ``mean``/``std``: (C,) standardisation
     constants that were applied (x = (raw - mean) / std), None for digits."""
@@ -123,6 +134,7 @@ class Dataset:
     test: Split
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
+    task: str = "classification"  # hpft_jax.tasks kind; num_classes = its outputs
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -188,7 +200,7 @@ def _check_tfds_name(name: str, spec: str) -> None:
     then says how to install it). Offline and fast: community data sets,
     whose index lives on GCS, are not listed."""
     try:
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # noqa: PLC0415 (optional dependency: the [tfds] extra)
     except ImportError:
         return
     known = tfds.list_builders(with_community_datasets=False)
@@ -206,6 +218,11 @@ def parse_spec(spec: str) -> DataSpec:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"data spec must be a non-empty string; got {spec!r}")
     spec = spec.strip()
+    if spec.startswith("ogb:"):  # OGB molecules, ``ogb:DIR[@node budget]`` (docs/graphs.md)
+        if not spec[4:]:
+            raise ValueError(f"data spec {spec!r} names no path")
+        ogb.parse_budget(spec[4:], spec)  # a bad budget fails here
+        return DataSpec("ogb", os.path.expanduser(spec[4:]))
     for kind in ("idx", "npz"):
         if spec.startswith(kind + ":"):
             rest = spec[len(kind) + 1:]
@@ -298,7 +315,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
         if os.path.isfile(path):
             table = np.loadtxt(path, delimiter=",")
             return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int32)
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # noqa: PLC0415 (1-2 s to import; only the digits need it)
 
     bunch = load_digits()
     return bunch.images, bunch.target.astype(np.int32)
@@ -383,7 +400,7 @@ def _load_npz(path: str) -> _Base:
 
 def _import_tfds():
     try:
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # noqa: PLC0415 (optional dependency: the [tfds] extra)
     except ImportError as e:
         raise ImportError(_TFDS_HINT) from e
     return tfds
@@ -427,7 +444,7 @@ def _decode_images(images: list[np.ndarray], size: int | None, name: str, *,
         images = [pipeline.resize_center_crop_uint8(np.asarray(im, np.uint8), size)
                   for im in images]
     elif size is not None:
-        from PIL import Image
+        from PIL import Image  # noqa: PLC0415 (optional: only decoding tfds images needs it)
 
         def pil_resize(im):
             grey = im.ndim == 3 and im.shape[-1] == 1
@@ -691,6 +708,21 @@ def _assemble(spec: DataSpec, name: str, base: _Base, plan, *, distort: bool,
                    test=splits[2], mean=mean, std=std)
 
 
+def load_graphs(spec: DataSpec, cfg: DataConfig) -> Dataset:
+    """An ``ogb:DIR[@V]`` data set with its own (scaffold) split; multi-label."""
+    if cfg.augment != "none":
+        raise ValueError(f"data spec {str(spec)!r}: augmentation {cfg.augment!r} is for images; "
+                         "graphs take --augment none")
+    path, budget = ogb.parse_budget(spec.name, str(spec))
+    t, parts = ogb.load_splits(path, budget, str(spec))
+    splits = [GraphSplit(x, y, origin=idx) for x, y, idx in
+              (parts[k] for k in ("train", "val", "test"))]
+    if len(splits[0]) == 0:
+        raise ValueError(f"data spec {str(spec)!r} leaves no training graphs")
+    return Dataset(name=str(spec), num_classes=t, train=splits[0], val=splits[1],
+                   test=splits[2], task="multilabel")
+
+
 def load_source(cfg: DataConfig) -> Dataset:
     """Pretraining data ``cfg.source``: undistorted, all its classes.
 
@@ -698,6 +730,8 @@ def load_source(cfg: DataConfig) -> Dataset:
     downstream val and test splits are removed first (no leakage).
     """
     spec, down = parse_spec(cfg.source), parse_spec(cfg.downstream)
+    if spec.kind == "ogb":
+        return load_graphs(spec, cfg)
     base = _load_base(spec, cfg)
     exclude = None
     if spec.same_base(down):
@@ -713,6 +747,8 @@ def load_source(cfg: DataConfig) -> Dataset:
 def load_downstream(cfg: DataConfig) -> Dataset:
     """HP/FT data ``cfg.downstream``, rotated and zoomed if ``cfg.distorts()``."""
     spec = parse_spec(cfg.downstream)
+    if spec.kind == "ogb":
+        return load_graphs(spec, cfg)  # no distortion: it is for images
     base = _load_base(spec, cfg)
     plan = _downstream_plan(base, spec, cfg)
     return _assemble(spec, cfg.downstream, base, plan, distort=cfg.distorts(), cfg=cfg)

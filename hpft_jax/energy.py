@@ -41,7 +41,9 @@ def p_true(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def histogram(p_true_values, bins: int = P0Y_BINS) -> list[int]:
     """Counts of p_0[y] values (N,) in ``bins`` equal bins over [0, 1] (host side)."""
-    counts, _ = np.histogram(np.asarray(p_true_values), bins=bins, range=(0.0, 1.0))
+    v = np.asarray(p_true_values).reshape(-1)
+    v = v[np.isfinite(v)]  # NaN: a missing multi-label entry (hpft_jax.tasks)
+    counts, _ = np.histogram(v, bins=bins, range=(0.0, 1.0))
     return counts.tolist()
 
 

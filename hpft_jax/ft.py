@@ -26,8 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpft_jax import checkpoint, data as data_lib, energy, errors, parallel, rng, steps
-from hpft_jax.losses import accuracy, cross_entropy
+from hpft_jax import checkpoint, data as data_lib, energy, errors, parallel, rng, steps, tasks
 from hpft_jax.params import merge, partition
 from hpft_jax.progress import bar
 from hpft_jax.rng import FT_DATA, seed_key
@@ -123,14 +122,15 @@ def make_ft_epoch(model, ft_cfg, *, num_classes: int, num_train: int, mesh=None,
     _, step = make_ft_step(model, ft_cfg, num_classes=num_classes, num_train=num_train,
                            mesh=mesh, augment=augment)
     epoch = steps.make_epoch(step, batch_size=ft_cfg.batch_size, num_examples=num_train)
+    task = tasks.of(model)
 
     def evaluate(state, frozen, x, y):
-        """(accuracy, cross-entropy with one-hot targets) in eval mode."""
+        """(the task's metric, its loss with unsmoothed targets) in eval mode."""
         if x.shape[0] == 0:
             return jnp.float32(jnp.nan), jnp.float32(jnp.nan)
         params = merge(frozen, state.params) if frozen else state.params
         logits, _ = steps.predict(model, steps.variables(params, state.batch_stats), x)
-        return accuracy(logits, y), cross_entropy(logits, jax.nn.one_hot(y, num_classes))
+        return task.metric(logits, y), task.loss(logits, y, 1.0)
 
     def ft_epoch(carry: FTCarry, data, key, e, frozen=None):
         consts = (frozen,) if frozen else ()
@@ -180,10 +180,12 @@ def _features_program(model):
     """Jitted, vmapped over runs, eval mode on the fixed set (x, y):
     ``(params, stats, x, y[, z0]) -> {z, aie, p_true, acc[, adapt]}``."""
 
+    task = tasks.of(model)
+
     def one(p, s, x, y, z0=None):
         logits, z = steps.predict(model, steps.variables(p, s), x)
-        out = {"z": z, "aie": energy.aie(logits, y), "p_true": energy.p_true(logits, y),
-               "acc": accuracy(logits, y)}
+        out = {"z": z, "aie": task.energy(logits, y), "p_true": task.p_true(logits, y),
+               "acc": task.metric(logits, y)}
         if z0 is not None:
             out["adapt"] = energy.adaptation(z0, z)
         return out

@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpft_jax import data as data_lib, energy, errors, parallel, steps
-from hpft_jax.losses import accuracy, cross_entropy, smooth_targets
+from hpft_jax import data as data_lib, energy, errors, parallel, steps, tasks
 from hpft_jax.params import head_block_names, is_head_path, merge, partition
 from hpft_jax.progress import bar
 from hpft_jax.rng import HEAD_INIT, HP_DATA, seed_key
@@ -91,12 +90,14 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
     nb = steps.num_batches(n, hp_cfg.batch_size)
     hp_keys = jnp.stack([seed_key(s, HP_DATA) for s in seeds])
 
+    task = tasks.of(model)
+
     def evaluate(params, stats, fr, eta):
         full = steps.variables(merge(fr[0], params), merge(fr[1], stats))
         logits, _ = steps.predict(model, full, feats, method=model.top, split=split)
-        loss = cross_entropy(logits, smooth_targets(y, num_classes, eta))
-        return {"acc": accuracy(logits, y), "loss": loss,
-                "p_true": energy.p_true(logits, y), "aie": energy.aie(logits, y)}
+        loss = task.loss(logits, y, eta)
+        return {"acc": task.metric(logits, y), "loss": loss,
+                "p_true": task.p_true(logits, y), "aie": task.energy(logits, y)}
 
     eval_fn = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None)))
     taus = list(hp_cfg.taus)

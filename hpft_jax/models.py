@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hpft_jax.gcn import GCN
+
 Dtype = Any
 
 
@@ -248,11 +250,13 @@ class Classifier(nn.Module):
     """``apply(vars, x, train=...) -> (logits (N, K), z (N, h))``.
 
     Parameters live under ``params/backbone`` and ``params/head``; BatchNorm
-    statistics under ``batch_stats/backbone``.
+    statistics under ``batch_stats/backbone``. ``task``: the name of the
+    :mod:`hpft_jax.tasks` kind its logits mean (loss, energy, metric).
     """
 
     backbone: nn.Module
     head: nn.Module
+    task: str = "classification"
 
     def __call__(self, x, *, train: bool = False):
         z = self.backbone(x, train=train)
@@ -277,6 +281,7 @@ BACKBONES = {
     "resnet34": ResNet34,
     "resnet50": ResNet50,
     "resnet_tiny": ResNetTiny,
+    "gcn": GCN,  # graph tables (hpft_jax.gcn); width = hidden (300), depth = layers
 }
 
 
@@ -286,7 +291,7 @@ def make_backbone(name: str, *, width: int | None = None, depth: int | None = No
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
     kw: dict[str, Any] = {"dtype": dtype}
-    if name == "mlp":
+    if name in ("mlp", "gcn"):
         if width is not None:
             kw["width"] = width
         if depth is not None:
@@ -298,8 +303,9 @@ def make_backbone(name: str, *, width: int | None = None, depth: int | None = No
     return BACKBONES[name](**kw)
 
 
-def make_classifier(cfg, num_classes: int) -> Classifier:
-    """A :class:`Classifier` from a :class:`hpft_jax.config.ModelConfig`."""
+def make_classifier(cfg, num_classes: int, task: str = "classification") -> Classifier:
+    """A :class:`Classifier` from a :class:`hpft_jax.config.ModelConfig`;
+    ``num_classes``: the head's outputs (classes, or binary tasks)."""
     dtype = jnp.dtype(cfg.dtype)
     backbone = make_backbone(cfg.backbone, width=cfg.width, depth=cfg.depth,
                              stem=cfg.stem, dtype=dtype)
@@ -312,4 +318,4 @@ def make_classifier(cfg, num_classes: int) -> Classifier:
     else:
         head = MLPHead(num_classes, hidden=cfg.head_hidden, depth=cfg.head_depth,
                        dtype=dtype)
-    return Classifier(backbone=backbone, head=head)
+    return Classifier(backbone=backbone, head=head, task=task)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpft_jax import checkpoint, config as config_lib, data as data_lib, errors, parallel, steps
-from hpft_jax.losses import accuracy
+from hpft_jax import tasks
 from hpft_jax.models import make_classifier
 from hpft_jax.progress import bar
 
@@ -72,7 +72,7 @@ def train(data_cfg, model_cfg, pre_cfg, source, *, mesh=None, progress: bool = T
     schedule, cross-entropy, BatchNorm in train mode.
     """
     mesh = parallel.data_mesh() if mesh is None else mesh
-    model = make_classifier(source_model_config(model_cfg), source.num_classes)
+    model = make_classifier(source_model_config(model_cfg), source.num_classes, source.task)
     n = source.train.x.shape[0]
     data_lib.check_batch_size(n, pre_cfg.batch_size, what=f"pretraining set {data_cfg.source!r}")
     parallel.check_divisible(pre_cfg.batch_size, mesh, what="pretraining")
@@ -102,7 +102,7 @@ def train(data_cfg, model_cfg, pre_cfg, source, *, mesh=None, progress: bool = T
     for name, split in (("train", source.train), ("val", source.val), ("test", source.test)):
         if split.x.shape[0]:
             logits = evaluate(out, jnp.asarray(split.x))
-            metrics[f"{name}_acc"] = float(accuracy(logits, jnp.asarray(split.y)))
+            metrics[f"{name}_acc"] = float(tasks.of(model).metric(logits, jnp.asarray(split.y)))
     return jax.device_get(out), metrics
 
 

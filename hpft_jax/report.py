@@ -8,6 +8,7 @@ reported), prints a Table-1-style summary and writes the figures.
 from __future__ import annotations
 
 import collections
+import json
 import math
 import os
 
@@ -290,6 +291,22 @@ def trends(summary: dict) -> list[str]:
     return out
 
 
+def _metric_note(path: str) -> list[str]:
+    """A line naming the metric behind every "acc" column when it is not
+    accuracy (graph data: ROC-AUC, hpft_jax.tasks); nothing otherwise."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return []
+    data = cfg.get("sweep", cfg).get("data", {})
+    if str(data.get("downstream", "")).startswith("ogb:"):
+        return ["Multi-label graph task: every accuracy column below (HP-train-acc, FT val, "
+                "FT test) is ROC-AUC × 100, averaged over the tasks with both classes "
+                "(OGB's evaluator)."]
+    return []
+
+
 def report(run_dir: str, *, write_figures: bool = True, out=print, zt: str = "best") -> str:
     """Print and write ``report.md`` for a run directory; returns the text.
 
@@ -304,6 +321,7 @@ def report(run_dir: str, *, write_figures: bool = True, out=print, zt: str = "be
     parts = [
         f"# Sweep report: {run.path}",
         "## Table 1 layout (downstream test accuracy; τ* chosen on validation)",
+        *_metric_note(run.path),
         table1(summary),
         f"## Every τ ({STD_NOTE})",
         f"Adaptation columns: {ZT[zt][1]} (`{ZT[zt][0]}`). Both are logged; "

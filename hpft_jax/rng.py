@@ -22,6 +22,7 @@ import numpy as np
 
 # Tags folded into a seed's key, so each stage draws independent randomness.
 HEAD_INIT, HP_DATA, FT_DATA = 0, 1, 2
+DROPOUT = 3  # folded into a step key (dropout_key)
 
 
 def seed_key(seed: int, tag: int) -> jax.Array:
@@ -37,6 +38,12 @@ def epoch_key(key: jax.Array, epoch) -> jax.Array:
 def step_key(key: jax.Array, epoch, i) -> jax.Array:
     """The key of batch ``i`` of ``epoch`` (augmentation and any step randomness)."""
     return jax.random.fold_in(epoch_key(key, epoch), i)
+
+
+def dropout_key(step_key_: jax.Array) -> jax.Array:
+    """The dropout key of a step (its own stream, so augmentation, which
+    uses the step key itself, is unchanged by models with dropout)."""
+    return jax.random.fold_in(step_key_, DROPOUT)
 
 
 def probe_indices(pool: int, n: int, *, seed: int | Sequence[int] = 0,

@@ -52,7 +52,7 @@ def file_format(path: str) -> str:
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-    import torch
+    import torch  # noqa: PLC0415 (optional dependency; only called on torch tensors)
 
     t = t.detach().cpu()
     if t.dtype in (torch.bfloat16, torch.float16):

@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from hpft_jax import augment, parallel, pipeline, rng
-from hpft_jax.losses import accuracy, cross_entropy, smooth_targets
+from hpft_jax import augment, parallel, pipeline, rng, tasks
 from hpft_jax.params import merge, partition
 
 Tree = Any
@@ -150,29 +149,30 @@ def make_train_step(model, tx, *, num_classes: int, eta: float | jax.Array,
     term's change, Fig. 2 right; 0 if the head is frozen).
     """
     aug = _augment_fn(augment)
+    task = tasks.of(model)
+    del num_classes  # the logits' last axis (kept for callers)
 
-    def loss_fn(params, frozen, batch_stats, x, y):
+    def loss_fn(params, frozen, batch_stats, x, y, rngs):
         full = merge(frozen, params) if frozen else params
-        targets = smooth_targets(y, num_classes, eta)
         if batch_stats:
             (logits, _), upd = model.apply(variables(full, batch_stats), x,
-                                           train=True, mutable=["batch_stats"])
+                                           train=True, mutable=["batch_stats"], rngs=rngs)
             new_bs = upd["batch_stats"]
         else:
-            logits, _ = model.apply({"params": full}, x, train=True)
+            logits, _ = model.apply({"params": full}, x, train=True, rngs=rngs)
             new_bs = batch_stats
-        return cross_entropy(logits, targets), (new_bs, logits)
+        return task.loss(logits, y, eta), (new_bs, logits)
 
     def step(state: TrainState, x, y, key, frozen=None):
         x = parallel.shard_batch(x, mesh)
         if aug is not None:
             x = aug(x, key)
         (loss, (new_bs, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, frozen, state.batch_stats, x, y)
+            state.params, frozen, state.batch_stats, x, y, dropout_rngs(key))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         gv = optax.tree.norm(grads["head"]) if "head" in grads else jnp.float32(0.0)
-        metrics = {"loss": loss, "acc": accuracy(logits, y), "grad_v_norm": gv}
+        metrics = {"loss": loss, "acc": task.train_metric(logits, y), "grad_v_norm": gv}
         return TrainState(params, new_bs, opt_state, state.step + 1), metrics
 
     return step
@@ -311,20 +311,21 @@ def make_hp_step(model, tx, *, num_classes: int, split: int, mesh=None,
     the forward pass as constants, so no backward pass runs through them.
     """
     aug = _augment_fn(augment)
+    task = tasks.of(model)
+    del num_classes  # the logits' last axis (kept for callers)
 
-    def loss_fn(params, batch_stats, h, y, frozen_params, frozen_stats, eta):
+    def loss_fn(params, batch_stats, h, y, frozen_params, frozen_stats, eta, rngs):
         full = merge(frozen_params, params)
-        targets = smooth_targets(y, num_classes, eta)
         if batch_stats:
             (logits, _), upd = model.apply(
                 variables(full, merge(frozen_stats, batch_stats)), h, split=split,
-                train=True, method=model.top, mutable=["batch_stats"])
+                train=True, method=model.top, mutable=["batch_stats"], rngs=rngs)
             new_bs, _ = partition(upd["batch_stats"], _in_tree(batch_stats))
         else:
             logits, _ = model.apply(variables(full, frozen_stats), h, split=split,
                                     train=False, method=model.top)
             new_bs = batch_stats
-        return cross_entropy(logits, targets), (new_bs, logits)
+        return task.loss(logits, y, eta), (new_bs, logits)
 
     def step(state: HPState, h, y, key, frozen, eta):
         frozen_params, frozen_stats = frozen
@@ -334,13 +335,20 @@ def make_hp_step(model, tx, *, num_classes: int, split: int, mesh=None,
                             split=split, train=False, method=model.trunk)
             h = jax.lax.stop_gradient(h)
         (loss, (new_bs, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.batch_stats, h, y, frozen_params, frozen_stats, eta)
+            state.params, state.batch_stats, h, y, frozen_params, frozen_stats, eta,
+            dropout_rngs(key))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return HPState(params, new_bs, opt_state, state.step + 1), {
-            "loss": loss, "acc": accuracy(logits, y)}
+            "loss": loss, "acc": task.train_metric(logits, y)}
 
     return step
+
+
+def dropout_rngs(key: jax.Array) -> dict:
+    """The ``rngs`` of a train-mode ``apply``: dropout draws from its own
+    stream of the step key (models without dropout never read it)."""
+    return {"dropout": rng.dropout_key(key)}
 
 
 def _in_tree(tree: Tree) -> Callable[[tuple], bool]:

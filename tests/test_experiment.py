@@ -82,7 +82,7 @@ def test_options_become_flags_with_defaults_and_types():
         xs: tuple[float, ...] = flags.option((1.0, 2.0), "floats")
         every: int | None = flags.option(None, "int or None")
         on: bool = flags.option(True, "a switch", flag="--no-on")
-        name: str = flags.option("a", "a string")
+        label: str = flags.option("a", "a string")
 
     p = argparse.ArgumentParser()
     flags.add_options(p, Cfg, "cfg")

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from theory import ntk_contract, ntk_factors
+from theory import ntk_budget, ntk_contract, ntk_cost, ntk_factors
 from theory.ntk_factors import Factors, chunked_map
 
 METHODS = ("auto", "structured", "vjp_jvp", "jacobian")
@@ -166,8 +166,63 @@ def auto_tile(n: int) -> int:
     return min(range(5, 13), key=lambda t: (-(-n // t) * t, abs(t - 8)))
 
 
-def _plan(f, params, x):
-    return ntk_factors.discover(f, params, x[0], n_samples=x.shape[0])
+def _plan(f, params, x, *, trace=False, forms=None):
+    plan = ntk_factors.discover(f, params, x[0], n_samples=x.shape[0], trace=trace,
+                                forms=forms)
+    ntk_factors.check_forms(forms, plan)
+    return plan
+
+
+def _schedule(f, params, x1, x2, plan, *, kind, trace, forms, memory_budget,
+              chunk_size, tile):
+    """:class:`theory.ntk_budget.Schedule` for this call; in trace mode the
+    factors held never exceed full mode's (per sample, all h outputs)."""
+    cap = None
+    itemsize = jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).itemsize
+    if trace:
+        full = _plan(f, params, x1, trace=False, forms=forms)
+        cap = plan.h * ntk_budget.unit_bytes(full, itemsize)["unit"]
+    sets = 1 if (x2 is None and kind != "drift") else 2
+    return ntk_budget.schedule(plan, x1.shape[0], kind=kind, memory_budget=memory_budget,
+                               sets=sets, chunk_size=chunk_size, tile=tile,
+                               cap_unit_bytes=cap, itemsize=itemsize)
+
+
+def describe(plan, sched, n: int, *, trace: bool) -> dict:
+    """What the cost model chose: per layer its shapes, form and the
+    multiply-adds of both forms; totals; and the chunk schedule."""
+    layers = []
+    for l in plan.layers:
+        fl = ntk_cost.layer_flops(l.n_pos, l.fan_in, l.features, plan.h, n, trace=trace)
+        layers.append({"path": "/".join(l.path), "kind": l.kind, "P": l.n_pos,
+                       "K": l.fan_in, "c_out": l.features, "form": l.form,
+                       "macs": fl, "unit_bytes": 4 * (l.n_pos * l.features if l.form
+                                                      == "gram" else l.fan_in * l.features)})
+    fb = int(sum(plan.leaf_sizes[k] for k in plan.fallback))
+    tot = ntk_cost.model_costs([(l.n_pos, l.fan_in, l.features, l.form)
+                                for l in plan.layers], fb, plan.h, n, trace=trace)
+    return {"h": plan.h, "n": n, "trace": trace, "layers": layers,
+            "fallback_params": fb, "totals": tot, "schedule": sched.as_dict()}
+
+
+def explain(report: dict) -> str:
+    """A short table of :func:`describe`'s report."""
+    sch, tot = report["schedule"], report["totals"]
+    out = [f"eNTK plan: n={report['n']} h={report['h']} "
+           f"{'traces' if report['trace'] else 'full blocks'}; schedule {sch['mode']} "
+           f"(output panel k={sch['k']}, stream s={sch['s']}, sample chunk "
+           f"{sch['sample_chunk']}, tile {sch['tile']}, factor passes "
+           f"{sch['passes']:.2f}, est. peak {sch['est_bytes'] / 2**30:.2f} GiB)"]
+    for l in report["layers"]:
+        m = l["macs"]
+        out.append(f"  {l['path']:<28} {l['kind']:<5} P={l['P']:<5} K={l['K']:<5} "
+                   f"c_out={l['c_out']:<4} -> {l['form']:<4} (gram {m['gram']:.3g}, "
+                   f"jac {m['jac']:.3g} MAC)")
+    out.append(f"  explicit-Jacobian leaves: {report['fallback_params']} params")
+    out.append(f"  structured {tot['structured_macs']:.3g} MAC (backward passes "
+               f"{tot['factor_macs']:.3g}, contraction {tot['contract_macs']:.3g}); "
+               f"vjp_jvp {tot['vjp_jvp_macs']:.3g} MAC")
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------
@@ -176,7 +231,8 @@ def _plan(f, params, x):
 
 def empirical_ntk_fn(f: Callable, *, trace: bool = False, chunk_size: int | None = None,
                      out_chunk_size: int | None = None, method: str = "auto",
-                     matmul_precision: str | None = "highest") -> Callable:
+                     matmul_precision: str | None = "highest", forms=None,
+                     memory_budget: int | None = None) -> Callable:
     """Jitted ``ntk(params, x1, x2=None)`` for ``f(params, x) -> (n, h)``.
 
     Returns κ(x1_i, x2_j) = ∇_θ z_i ∇_θ z_jᵀ stacked as (n1, n2, h, h), or with
@@ -194,15 +250,25 @@ def empirical_ntk_fn(f: Callable, *, trace: bool = False, chunk_size: int | None
     matmul_precision: traced under ``jax.default_matmul_precision`` (default
       "highest", so GPUs do not drop float32 matmuls to TF32); None leaves
       JAX's default.
+    forms: override the cost model's per-layer form ("gram" / "jac" for all
+      layers, or {layer path: form}); see :mod:`theory.ntk_cost`.
+    memory_budget: bytes for the whole process (structured method). Factors
+      that do not fit are made for output chunks and recomputed
+      (:mod:`theory.ntk_budget`). In trace mode the held factors never
+      exceed full mode's, budget or not.
+
+    ``ntk.plan(params, x1, x2=None)`` returns the choices as a dict and
+    ``ntk.explain(...)`` as text.
     """
     _check_options(f, trace, chunk_size, out_chunk_size, method, matmul_precision)
+    _check_int("memory_budget", memory_budget)
 
     def core(params, x1, x2):
         with _precision(matmul_precision):
             _out_dim(f, params, x1)
             m = method
             if m in ("auto", "structured"):
-                plan = _plan(f, params, x1)
+                plan = _plan(f, params, x1, trace=trace, forms=forms)
                 if m == "auto" and plan.rule_fraction < 0.5:
                     m = "vjp_jvp"
             if m == "jacobian":
@@ -210,13 +276,30 @@ def empirical_ntk_fn(f: Callable, *, trace: bool = False, chunk_size: int | None
             if m == "vjp_jvp":
                 return _ntk_vjp_jvp(f, params, x1, x2, trace=trace,
                                     chunk_size=chunk_size, out_chunk_size=out_chunk_size)
-            kw = dict(chunk_size=chunk_size, out_chunk_size=out_chunk_size)
+            sched = structured_schedule(params, x1, x2, plan)
+            if sched.mode == "outputs":
+                run = ntk_budget.traces if trace else ntk_budget.kernel
+                return run(plan, f, params, x1, x2, sched, _dtype(params))
+            kw = dict(chunk_size=sched.sample_chunk, out_chunk_size=out_chunk_size)
             f1 = _structured_factors(f, params, x1, plan, **kw)
             f2 = None if x2 is None else _structured_factors(f, params, x2, plan, **kw)
             tile = chunk_size
             if tile is None and not trace:
                 tile = auto_tile(max(x1.shape[0], 0 if x2 is None else x2.shape[0]))
             return ntk_contract.kernel(f1, f2, trace=trace, chunk_size=tile)
+
+    def structured_schedule(params, x1, x2, plan):
+        n = max(x1.shape[0], 0 if x2 is None else x2.shape[0])
+        tile = chunk_size if chunk_size is not None else auto_tile(n)
+        return _schedule(f, params, x1, x2, plan, kind="trace" if trace else "full",
+                         trace=trace, forms=forms, memory_budget=memory_budget,
+                         chunk_size=chunk_size, tile=tile)
+
+    def report(params, x1, x2=None):
+        with _precision(matmul_precision):
+            plan = _plan(f, params, x1, trace=trace, forms=forms)
+            return describe(plan, structured_schedule(params, x1, x2, plan), x1.shape[0],
+                            trace=trace)
 
     core_jit = jax.jit(core)
 
@@ -228,8 +311,14 @@ def empirical_ntk_fn(f: Callable, *, trace: bool = False, chunk_size: int | None
         return core_jit(params, x1, x2)
 
     ntk.method = method
+    ntk.plan = report
+    ntk.explain = lambda params, x1, x2=None: explain(report(params, x1, x2))
     ntk.lower = lambda params, x1, x2=None: core_jit.lower(params, x1, x2)  # AOT / cost
     return ntk
+
+
+def _dtype(params):
+    return jax.tree_util.tree_leaves(params)[0].dtype
 
 
 def _precision(p):
@@ -245,11 +334,19 @@ class NTKDrift:
     ‖κ_next − κ_t‖_F). ``factors(params)`` and ``from_factors(F_t, F_next)``
     split it so a loop can reuse the factors of the previous probe. All three
     are jitted; nothing of size N²h² is ever held.
+
+    When the factors do not fit ``memory_budget`` (``schedule.mode ==
+    "outputs"``), ``factors`` returns the params unchanged and
+    ``from_factors`` recomputes output-chunk factors tile by tile
+    (:func:`theory.ntk_budget.drift`), so loops written against the split
+    API still work. ``plan()`` / ``explain()`` say what was chosen.
     """
 
     factors: Callable[[Any], Factors]
     from_factors: Callable[[Factors, Factors], dict]
     _both: Callable[[Any, Any], dict]
+    plan: Callable[[Any], dict] = None
+    explain: Callable[[Any], str] = None
 
     def __call__(self, params_t, params_next) -> dict:
         return self._both(params_t, params_next)
@@ -257,36 +354,58 @@ class NTKDrift:
 
 def make_drift_fn(f: Callable, x_probe, *, chunk_size: int | None = None,
                   out_chunk_size: int | None = None,
-                  matmul_precision: str | None = "highest") -> NTKDrift:
+                  matmul_precision: str | None = "highest", forms=None,
+                  memory_budget: int | None = None) -> NTKDrift:
     """Drift functions for ``f(params, x) -> (N, h)`` on probes x_probe: (N, ...).
 
     Uses the structured factors (every leaf is covered; leaves without a layer
     rule by an explicit per-sample Jacobian, N·h·P_leaf floats).
     chunk_size: probe samples per tile (None: :func:`auto_tile`); the largest
     transient is a few (t, t, h, h) tiles. out_chunk_size: as in
-    :func:`empirical_ntk_fn`.
+    :func:`empirical_ntk_fn`. forms, memory_budget: as there; with a budget
+    the factors of both parameter sets are stored when they fit, otherwise
+    recomputed per output chunk (see :class:`NTKDrift`).
     """
     _check_options(f, False, chunk_size, out_chunk_size, "structured", matmul_precision)
+    _check_int("memory_budget", memory_budget)
     _check_x("x_probe", x_probe)
     x_probe = jnp.asarray(x_probe)
-
-    def factors(params):
-        with _precision(matmul_precision):
-            _out_dim(f, params, x_probe)
-            plan = _plan(f, params, x_probe)
-            return _structured_factors(f, params, x_probe, plan, chunk_size=chunk_size,
-                                       out_chunk_size=out_chunk_size)
-
     tile = auto_tile(x_probe.shape[0]) if chunk_size is None else chunk_size
 
-    def from_factors(ft, fn):
+    def plan_of(params):
         with _precision(matmul_precision):
-            return ntk_contract.drift(ft, fn, chunk_size=tile)
+            _out_dim(f, params, x_probe)
+            plan = _plan(f, params, x_probe, forms=forms)
+            return plan, _schedule(f, params, x_probe, None, plan, kind="drift",
+                                   trace=False, forms=forms, memory_budget=memory_budget,
+                                   chunk_size=chunk_size, tile=tile)
+
+    def factors(params):
+        plan, sched = plan_of(params)
+        if sched.mode == "outputs":
+            return params
+        with _precision(matmul_precision):
+            return _structured_factors(f, params, x_probe, plan,
+                                       chunk_size=sched.sample_chunk,
+                                       out_chunk_size=out_chunk_size)
+
+    def from_factors(ft, fn):
+        if isinstance(ft, Factors):
+            with _precision(matmul_precision):
+                return ntk_contract.drift(ft, fn, chunk_size=tile)
+        plan, sched = plan_of(ft)
+        with _precision(matmul_precision):
+            return ntk_budget.drift(plan, f, ft, fn, x_probe, sched, _dtype(ft))
 
     def both(pt, pn):
         return from_factors(factors(pt), factors(pn))
 
-    return NTKDrift(jax.jit(factors), jax.jit(from_factors), jax.jit(both))
+    def report(params):
+        plan, sched = plan_of(params)
+        return describe(plan, sched, x_probe.shape[0], trace=False)
+
+    return NTKDrift(jax.jit(factors), jax.jit(from_factors), jax.jit(both), report,
+                    lambda params: explain(report(params)))
 
 
 def ntk_drift(f: Callable, params_seq: Sequence[Any], x_probe, **kwargs) -> dict:
@@ -314,4 +433,5 @@ def ntk_drift(f: Callable, params_seq: Sequence[Any], x_probe, **kwargs) -> dict
     return {"k_norm": jnp.stack(norms), "k_gap": jnp.stack(gaps)}
 
 
-__all__ = ["METHODS", "NTKDrift", "auto_tile", "empirical_ntk_fn", "make_drift_fn", "ntk_drift"]
+__all__ = ["METHODS", "NTKDrift", "auto_tile", "describe", "empirical_ntk_fn", "explain",
+           "make_drift_fn", "ntk_drift"]

@@ -27,14 +27,17 @@ def _ein(spec, *ops):
 
 
 def pair_block(f1: Factors, f2: Factors, *, trace: bool, layout: str = "ijcd"):
-    """κ (t1, t2, h, h), or its trace (t1, t2), from two sets of factors.
+    """κ (t1, t2, h1, h2), or its trace (t1, t2), from two sets of factors.
+
+    h1 and h2 may differ (two output chunks of the same model); a trace needs
+    the same outputs on both sides.
 
     ``layout="icjd"`` returns the full block as (t1, h, t2, h), the order the
     matmuls produce, which saves a transpose where only norms are needed.
     """
     t1, h = f1.shape
-    t2 = f2.shape[0]
-    out = jnp.zeros((t1, t2) if trace else (t1, h, t2, h), f1.dtype)
+    t2, h2 = f2.shape
+    out = jnp.zeros((t1, t2) if trace else (t1, h, t2, h2), f1.dtype)
     for a1, g1, a2, g2 in zip(f1.A, f1.G, f2.A, f2.G):
         if a1.shape[1] == 1:      # one position: (A Aᵀ) ⊙ (G Gᵀ)
             m = _ein("ik,jk->ij", a1[:, 0], a2[:, 0])
@@ -50,8 +53,8 @@ def pair_block(f1: Factors, f2: Factors, *, trace: bool, layout: str = "ijcd"):
             else:
                 out = out + _ein("icpo,ijpdo->icjd", g1,
                                  _ein("ijpq,jdqo->ijpdo", m, g2))
-    if f1.J is not None:
-        out = out + (_ein("icD,jcD->ij", f1.J, f2.J) if trace
+    if f1.J is not None:   # trace: one (t1, h·D) x (h·D, t2) matmul, no transposed copy
+        out = out + (_ein("iX,jX->ij", f1.J.reshape(t1, -1), f2.J.reshape(t2, -1)) if trace
                      else _ein("icD,jdD->icjd", f1.J, f2.J))
     if trace or layout == "icjd":
         return out
@@ -78,7 +81,7 @@ def _pairs(nb1: int, nb2: int, symmetric: bool):
 
 def kernel(f1: Factors, f2: Factors | None, *, trace: bool,
            chunk_size: int | None) -> jax.Array:
-    """Full eNTK (n1, n2, h, h) or traces (n1, n2); ``f2=None`` means f2 = f1.
+    """Full eNTK (n1, n2, h1, h2) or traces (n1, n2); ``f2=None`` means f2 = f1.
 
     Tiles are written in place into one output buffer inside a loop, so no
     stack of tiles is ever held; with f2 None each tile I < J is also written,
@@ -86,14 +89,14 @@ def kernel(f1: Factors, f2: Factors | None, *, trace: bool,
     """
     symmetric = f2 is None
     f2 = f1 if symmetric else f2
-    (n1, h), n2 = f1.shape, f2.shape[0]
+    (n1, h), (n2, h2) = f1.shape, f2.shape
     t = chunk_size
     if t is None or t >= max(n1, n2):
         return pair_block(f1, f2, trace=trace)
     nb1, nb2 = -(-n1 // t), -(-n2 // t)
     p1, p2 = _pad(f1, nb1 * t), _pad(f2, nb2 * t)
     ii, jj = _pairs(nb1, nb2, symmetric)
-    out = jnp.zeros((nb1 * t, nb2 * t) + (() if trace else (h, h)), f1.dtype)
+    out = jnp.zeros((nb1 * t, nb2 * t) + (() if trace else (h, h2)), f1.dtype)
 
     def body(k, out):
         i, j = ii[k], jj[k]

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from theory import ntk_cost
+
 _DEFAULT_PROMOTE = nn.Dense.__dataclass_fields__["promote_dtype"].default
 _CONV_PROMOTE = nn.Conv.__dataclass_fields__["promote_dtype"].default
 
@@ -161,11 +163,15 @@ def _dtypes_match(module, a, kernel) -> bool:
             and jnp.issubdtype(dt, jnp.floating))
 
 
-def discover(f: Callable, params, x_single, *, n_samples: int) -> Plan:
+def discover(f: Callable, params, x_single, *, n_samples: int, trace: bool = False,
+             forms=None) -> Plan:
     """Trace ``f(params, x_single[None])`` abstractly and build the :class:`Plan`.
 
-    ``n_samples`` (samples per side of a kernel tile) only feeds the per-layer
-    choice between the two exact contraction orders of (*).
+    ``n_samples`` (samples per side of a kernel tile) and ``trace`` only feed
+    the per-layer choice between the two exact forms of (*), made by
+    :func:`theory.ntk_cost.choose_form`. ``forms`` overrides it: one form
+    ("gram" / "jac") for every layer, or a dict from layer path ("a/b" or a
+    tuple) to a form; layers it does not name keep the cost model's choice.
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     sizes = tuple(int(np.prod(np.shape(l))) for l in leaves)
@@ -221,7 +227,8 @@ def discover(f: Callable, params, x_single, *, n_samples: int) -> Plan:
         k_in = int(np.prod(kshape[:-1]))
         n_pos = int(np.prod(r["out_shape"][:-1]))
         fan_in = k_in + (r["bias"] is not None)
-        form = _choose_form(n_pos, fan_in, cout, h, n_samples)
+        form = _override(forms, r["path"]) or ntk_cost.choose_form(
+            n_pos, fan_in, cout, h, n_samples, trace=trace)
         calls.append((r["path"], r["type"], len(layers)))
         layers.append(Layer(path=r["path"], kind=r["kind"], kernel=r["kernel"],
                             bias=r["bias"], in_shape=r["in_shape"],
@@ -235,19 +242,29 @@ def discover(f: Callable, params, x_single, *, n_samples: int) -> Plan:
                 calls=tuple(calls), fallback=fallback, h=h)
 
 
-def _choose_form(P: int, K: int, cout: int, h: int, n: int) -> str:
-    """Cheaper exact order of (*): position Gram ("gram") or per-layer J ("jac").
-
-    FLOPs for all n² pairs of one tile:
-      gram: n²(P²K + P²·h·cout + P·h²·cout)   (P = 1: n²·h²·cout)
-      jac:  n·P·K·h·cout + n²·h²·K·cout
-    """
-    if P == 1:
-        gram = n * n * h * h * cout
+def _override(forms, path: tuple) -> str | None:
+    """The user's form for the layer at ``path``, or None."""
+    if forms is None:
+        return None
+    if isinstance(forms, str):
+        form = forms
     else:
-        gram = n * n * (P * P * K + P * P * h * cout + P * h * h * cout)
-    jac = n * P * K * h * cout + n * n * h * h * K * cout
-    return "gram" if gram <= jac else "jac"
+        form = forms.get(path, forms.get("/".join(path)))
+    if form is not None and form not in ntk_cost.FORMS:
+        raise ValueError(f"forms must map layers to one of {ntk_cost.FORMS}; got {form!r}")
+    return form
+
+
+def check_forms(forms, plan: Plan) -> None:
+    """Raise if a dict of forms names a layer path that the plan lacks."""
+    if forms is None or isinstance(forms, str):
+        _override(forms, ())
+        return
+    known = {l.path for l in plan.layers} | {"/".join(l.path) for l in plan.layers}
+    bad = [k for k in forms if k not in known]
+    if bad:
+        raise ValueError(f"forms names unknown layers {bad}; rule-covered layers: "
+                         f"{sorted('/'.join(l.path) for l in plan.layers)}")
 
 
 class _FactorRun:
@@ -306,9 +323,14 @@ def _layer_inputs(layer: Layer, a) -> jax.Array:
 
 
 def sample_factors(plan: Plan, f: Callable, leaves, xi, *,
-                   out_chunk_size: int | None = None) -> Factors:
+                   out_chunk_size: int | None = None, rows=None) -> Factors:
     """Factors of one sample ``xi`` (no batch axis): one forward pass, then h
-    backward passes, ``out_chunk_size`` at a time (all at once if None)."""
+    backward passes, ``out_chunk_size`` at a time (all at once if None).
+
+    rows: (m, h) output cotangents to pull back instead of the identity; the
+    factors then describe the m outputs ``rows @ z`` (an output chunk when
+    rows are rows of the identity).
+    """
     fb0 = [leaves[k] for k in plan.fallback]
     deltas0 = [jnp.zeros(l.out_shape, leaves[l.kernel].dtype) for l in plan.layers]
 
@@ -324,8 +346,9 @@ def sample_factors(plan: Plan, f: Callable, leaves, xi, *,
         return z[0], run.inputs
 
     z, vjp, inputs = jax.vjp(g, deltas0, fb0, has_aux=True)
-    d_delta, d_fb = chunked_map(vjp, jnp.eye(plan.h, dtype=z.dtype), out_chunk_size)
-    h = plan.h
+    rows = jnp.eye(plan.h, dtype=z.dtype) if rows is None else rows.astype(z.dtype)
+    d_delta, d_fb = chunked_map(vjp, rows, out_chunk_size)
+    h = rows.shape[0]
     A, G, J = [], [], [d.reshape(h, -1) for d in d_fb]
     for layer, a, d in zip(plan.layers, inputs, d_delta):
         g_l = d.reshape(h, layer.n_pos, layer.features)
@@ -340,7 +363,7 @@ def sample_factors(plan: Plan, f: Callable, leaves, xi, *,
 
 
 def batch_factors(plan: Plan, f: Callable, params, x, *, chunk_size: int | None,
-                  out_chunk_size: int | None) -> Factors:
+                  out_chunk_size: int | None, rows=None) -> Factors:
     """:func:`sample_factors` for all of x: (n, ...) and all h outputs.
 
     Samples run in vmapped chunks of ``chunk_size`` and the backward passes in
@@ -349,6 +372,7 @@ def batch_factors(plan: Plan, f: Callable, params, x, *, chunk_size: int | None,
     leaves = jax.tree_util.tree_leaves(params)
 
     def one(xi):
-        return sample_factors(plan, f, leaves, xi, out_chunk_size=out_chunk_size)
+        return sample_factors(plan, f, leaves, xi, out_chunk_size=out_chunk_size,
+                              rows=rows)
 
     return chunked_map(one, x, chunk_size)

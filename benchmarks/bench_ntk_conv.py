@@ -1,0 +1,164 @@
+"""eNTK on convolutional backbones (issue 15): small CNN and ResNet18.
+
+    PYTHONPATH=$PWD python -m benchmarks.bench_ntk_conv                 # all cases
+    PYTHONPATH=$PWD python -m benchmarks.bench_ntk_conv --cases cnn:trace
+
+Each case runs in its own child process (``--case``), so peak RSS
+(``ru_maxrss``) is that case's alone; it is reported against the case's
+``memory_budget``. Small CNN: Conv32 → Conv64/s2 → Conv64/s2 (3×3, ReLU),
+global average pool, Dense128; 50 inputs 32×32×3; full (50, 50, 128, 128)
+blocks and traces. ResNet18: ``hpft_jax.models.ResNet18`` at full width,
+CIFAR stem, eval-mode BatchNorm, backbone params only (h = 512), 32×32
+inputs; traces under a 7 GB budget (headroom under the 8 GB target) for
+``--resnet-probes`` probes, and the plan (FLOPs, schedule) for 50 probes
+with one drift probe under 8 GB.
+MACs are the cost model's (:mod:`theory.ntk_cost`); FLOPs = 2 × MACs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+
+from benchmarks._timing import timed
+
+GB = 10**9
+CASES = ["dot", "cnn:full", "cnn:trace", "cnn:trace@3.6", "cnn:full@5.8",
+         "resnet18:trace@7", "resnet18:plan"]
+
+
+def _cnn():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    class SmallCNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(32, (3, 3))(x))
+            x = nn.relu(nn.Conv(64, (3, 3), strides=2)(x))
+            x = nn.relu(nn.Conv(64, (3, 3), strides=2)(x))
+            return nn.Dense(128)(jnp.mean(x, axis=(1, 2)))
+
+    m = SmallCNN()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((50, 32, 32, 3)), jnp.float32)
+    params = jax.jit(m.init)(jax.random.key(0), x)["params"]
+    return (lambda p, x: m.apply({"params": p}, x)), params, x
+
+
+def _resnet(n):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from hpft_jax.models import ResNet18
+
+    m = ResNet18()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((n, 32, 32, 3)), jnp.float32)
+    v = jax.jit(lambda k, x: m.init(k, x, train=False))(jax.random.key(0), x)
+    bs = v["batch_stats"]
+    return (lambda p, x: m.apply({"params": p, "batch_stats": bs}, x, train=False)), \
+        v["params"], x
+
+
+def child(case: str, reps: int, outdir: str, resnet_probes: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from theory.ntk import empirical_ntk_fn, make_drift_fn
+
+    res: dict = {"case": case, "load_start": os.getloadavg()}
+    name, _, budget = case.partition("@")
+    budget = int(float(budget) * GB) if budget else None
+    res["memory_budget"] = budget
+    if name == "dot":
+        a = jnp.ones((2048, 2048), jnp.float32)
+        dot = jax.jit(jnp.dot)
+        _, t = timed(lambda: dot(a, a), 10)
+        res.update(t, gflops_per_s=2 * 2048**3 / t["median_s"] / 1e9)
+    elif name.startswith("cnn:"):
+        f, params, x = _cnn()
+        trace = name.endswith("trace")
+        ntk = empirical_ntk_fn(f, trace=trace, method="structured", memory_budget=budget)
+        res["plan"] = ntk.explain(params, x)
+        res["macs"] = ntk.plan(params, x)["totals"]["structured_macs"]
+        out, t = timed(lambda: ntk(params, x), reps)
+        res.update(t)
+        np.save(os.path.join(outdir, case.replace(":", "_") + ".npy"), np.asarray(out))
+    elif name == "resnet18:trace":
+        f, params, x = _resnet(resnet_probes)
+        ntk = empirical_ntk_fn(f, trace=True, method="structured", memory_budget=budget)
+        res["plan"] = ntk.explain(params, x)
+        res["macs"] = ntk.plan(params, x)["totals"]["structured_macs"]
+        res["probes"] = resnet_probes
+        out, t = timed(lambda: ntk(params, x), 0)
+        res.update(t)
+        np.save(os.path.join(outdir, case.replace(":", "_") + ".npy"), np.asarray(out))
+    elif name == "resnet18:plan":       # 50 probes: plans only, nothing run
+        f, params, x = _resnet(50)
+        tr = empirical_ntk_fn(f, trace=True, method="structured", memory_budget=8 * GB)
+        d = make_drift_fn(f, x, memory_budget=8 * GB)
+        res["trace_plan"] = tr.explain(params, x)
+        res["drift_plan"] = d.explain(params)
+        res["trace_macs"] = tr.plan(params, x)["totals"]["structured_macs"]
+        dp = d.plan(params)
+        res["drift_schedule"] = dp["schedule"]
+        res["drift_macs_per_pass"] = dp["totals"]
+    res["load_end"] = os.getloadavg()
+    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case")
+    ap.add_argument("--cases", nargs="*", default=CASES)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--resnet-probes", type=int, default=10)
+    ap.add_argument("--outdir", default=None)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    if a.case:
+        print(json.dumps(child(a.case, a.reps, a.outdir, a.resnet_probes)))
+        return
+    outdir = a.outdir or tempfile.mkdtemp(prefix="bench_ntk_conv_")
+    results = []
+    for case in a.cases:
+        cmd = [sys.executable, "-m", "benchmarks.bench_ntk_conv", "--case", case,
+               "--reps", str(a.reps), "--outdir", outdir,
+               "--resnet-probes", str(a.resnet_probes)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        r = (json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0
+             else {"case": case, "error": p.stderr[-3000:]})
+        print(json.dumps({k: v for k, v in r.items() if k not in ("runs_s",)}), flush=True)
+        results.append(r)
+    _consistency(outdir)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+def _consistency(outdir):
+    """Traces and budgeted runs against the unbudgeted full kernel."""
+    import numpy as np
+    p = lambda c: os.path.join(outdir, c.replace(":", "_") + ".npy")  # noqa: E731
+    if not os.path.exists(p("cnn:full")):
+        return
+    full = np.load(p("cnn:full")).astype(np.float64)
+    tr = np.trace(full, axis1=2, axis2=3)
+    for c, ref in (("cnn:trace", tr), ("cnn:trace@3.6", tr), ("cnn:full@5.8", full)):
+        if os.path.exists(p(c)):
+            k = np.load(p(c)).astype(np.float64)
+            print(f"{c} vs cnn:full: max rel err "
+                  f"{np.abs(k - ref).max() / np.abs(ref).max():.1e}")
+
+
+if __name__ == "__main__":
+    main()
