@@ -43,6 +43,13 @@ Pipeline, in this order, all deterministic from ``cfg.seed``:
    usual published CIFAR/MNIST constants). Distortion fills with 0 (black)
    before standardisation.
 
+With ``cfg.pipeline == "imagenet"`` (:mod:`hpft_jax.pipeline`), step 2
+resizes the shorter side and centre-crops instead of squashing (Pillow per
+tfds image, JAX for arrays), grey images become RGB, and step 5 uses the
+ImageNet mean/std for every data set. ``flowers_split="table4"`` reads
+oxford_flowers102 as the paper's Table 4 (train on tfds' test split, test on
+train + validation).
+
 Leakage: when the source and the downstream come from the same base data set,
 pretraining never sees the original images of the downstream val and test
 splits (their distorted versions are what HP/FT are evaluated on). The
