@@ -219,9 +219,11 @@ def projection(z0: np.ndarray, zt_best: np.ndarray, zt_last: np.ndarray, y: np.n
     basis = vt[:2]
     basis *= np.sign(basis[np.arange(len(basis)), np.argmax(np.abs(basis), axis=1)])[:, None]
     total = float((sv**2).sum()) or 1.0
+    y = np.asarray(y)
+    labels = y.astype(int).tolist() if y.ndim == 1 else None  # multi-label (graphs): none
     proj = lambda z: ((z - mu) @ basis.T).round(5).tolist()  # noqa: E731
     return {"z0": proj(z0), "zt_best": proj(zb), "zt_last": proj(zl),
-            "y": np.asarray(y).astype(int).tolist(), "idx": np.asarray(idx).astype(int).tolist(),
+            "y": labels, "idx": np.asarray(idx).astype(int).tolist(),
             "explained": [float(v) for v in (sv[:2]**2 / total)]}
 
 

@@ -244,17 +244,19 @@ def projection_figure(pyplot, recs: list[dict], zt: str = "zt_best"):
     lo, hi = np.min([p.min(0) for p in pts], axis=0), np.max([p.max(0) for p in pts], axis=0)
     pad = 0.05 * (hi - lo + 1e-12)
     titles = ["z_0 (start of FT)"] + [f"z_T, HP{r['tau']}-FT (seed {r['seed']})" for r in recs]
-    y = np.asarray(first["y"])
+    y = first["y"]
+    colour = {"c": "C0"} if y is None else {"c": y, "cmap": "tab10", "vmin": 0, "vmax": 9}
     for ax, p, title in zip(axes.flat, pts, titles):
-        ax.scatter(p[:, 0], p[:, 1], c=y, cmap="tab10", vmin=0, vmax=9, s=8)
+        ax.scatter(p[:, 0], p[:, 1], s=8, **colour)
         ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
         ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
         ax.set_title(title, fontsize=8)
         ax.tick_params(labelsize=6)
     ev = first["explained"]
-    fig.suptitle(f"{len(y)} fixed training inputs in z_0's first two principal components "
-                 f"({100 * ev[0]:.0f} % + {100 * ev[1]:.0f} % of z_0's variance); colour = "
-                 f"class; z_T = {'best-validation' if zt == 'zt_best' else 'last-epoch'} model",
+    fig.suptitle(f"{len(pts[0])} fixed training inputs in z_0's first two principal components "
+                 f"({100 * ev[0]:.0f} % + {100 * ev[1]:.0f} % of z_0's variance)"
+                 + ("" if y is None else "; colour = class")
+                 + f"; z_T = {'best-validation' if zt == 'zt_best' else 'last-epoch'} model",
                  fontsize=8)
     return fig
 

@@ -61,6 +61,13 @@ def test_projection_equals_sklearn_pca():
     assert out["y"][:4] == [0, 1, 2, 0]
 
 
+def test_projection_of_multilabel_targets_has_no_classes():
+    z = np.random.default_rng(1).normal(size=(6, 4))
+    y = np.array([[1.0, np.nan], [0.0, 1.0]] * 3)  # graph tasks: (P, T), NaN = missing
+    out = ft.projection(z, z, z, y, np.arange(6))
+    assert out["y"] is None and out["z0"] == out["zt_last"]
+
+
 def test_projection_taus_pick_the_ends_and_spread():
     assert sweep.projection_taus((0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)) == (
         0, 8, 64, 1024)  # indices round(linspace(0, 11, 4)) = 0, 4, 7, 11
