@@ -37,6 +37,10 @@ def default_taus(max_exp: int = 10) -> tuple[int, ...]:
     return (0,) + tuple(2**k for k in range(max_exp + 1))
 
 
+AUGMENTS = ("none", "flip_crop", "rrc_flip")
+TOY_DOWNSTREAM = ("digits", "mnist", "idx")  # data whose downstream is distorted by default
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Which data, how it is split and distorted.
@@ -51,14 +55,26 @@ class DataConfig:
     source: str = "digits"
     downstream: str = "digits:0,1,2"
     data_dir: str | None = None
-    distort: bool = True  # rotation + zoom fixed per sample (toy setting)
+    # rotation + zoom fixed per sample (the toy setting's shift). None: on
+    # for the toy downstream data (digits, mnist, idx:) only; see distorts().
+    distort: bool | None = None
     max_rotation: float = 30.0  # degrees, uniform in [-max, max]
     zoom: tuple[float, float] = (1.0, 1.3)
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     per_class: int | None = None  # cap on downstream samples per class
     image_size: int | None = None  # resize to this square size
-    augment: str = "none"  # none | flip_crop (random, per step)
+    augment: str = "none"  # none | flip_crop | rrc_flip (random, per step)
+    # Input pipeline: "dataset" (squash to image_size, standardise with the
+    # data set's own statistics) or "imagenet" (ImageNet mean/std, eval
+    # resize of the shorter side to image_size*256/224 + centre crop; see
+    # hpft_jax/pipeline.py). None: "imagenet" when the backbone's
+    # --init-from metadata records ImageNet normalisation, else "dataset".
+    pipeline: str | None = None
+    # oxford_flowers102 split: "tfds" (train 1,020 / val 1,020 / test 6,149)
+    # or "table4" (train on tfds' test 6,149, test on train+val 2,040; val
+    # carved from the training pool by val_fraction).
+    flowers_split: str = "tfds"
     download: bool = False  # let tfds reach the network
     seed: int = 0
 
@@ -67,9 +83,13 @@ class DataConfig:
             raise ValueError("val_fraction and test_fraction must lie in [0, 1)")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be < 1")
-        if self.augment not in ("none", "flip_crop"):
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}; got {self.augment!r}")
+        if self.pipeline not in (None, "dataset", "imagenet"):
+            raise ValueError(f"pipeline must be 'dataset' or 'imagenet'; got {self.pipeline!r}")
+        if self.flowers_split not in ("tfds", "table4"):
             raise ValueError(
-                f"augment must be 'none' or 'flip_crop'; got {self.augment!r}")
+                f"flowers_split must be 'tfds' or 'table4'; got {self.flowers_split!r}")
         if int(self.seed) != self.seed or not 0 <= self.seed < 2**32:
             raise ValueError(f"data seed must be an integer in [0, 2**32); got {self.seed}")
         if not self.max_rotation >= 0:
@@ -80,6 +100,15 @@ class DataConfig:
             raise ValueError(f"per_class must be >= 1 or None; got {self.per_class}")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size must be >= 1 or None; got {self.image_size}")
+
+    def distorts(self) -> bool:
+        """Whether the downstream data are rotated and zoomed: ``distort``
+        when set, else on only for the toy data (:data:`TOY_DOWNSTREAM`:
+        the digits, MNIST and MNIST-format IDX files)."""
+        if self.distort is not None:
+            return bool(self.distort)
+        base = self.downstream.split(":", 1)[0]
+        return base in TOY_DOWNSTREAM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,11 +183,19 @@ class HPConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FTConfig:
-    """Finetuning: all parameters, SGD + momentum, cosine schedule."""
+    """Finetuning: all parameters, SGD (+ momentum), cosine or constant lr.
+
+    ``early_stopping``: stop after ``patience`` epochs without a better
+    validation accuracy and keep the best-validation model; off, every run
+    trains ``epochs`` epochs and the model at the last epoch is the one
+    evaluated (the paper's toy setting, App. B.1).
+    """
 
     epochs: int = 50
     lr: float = 0.01
     momentum: float = 0.9
+    schedule: str = "cosine"  # cosine (to 0 over epochs) | constant
+    early_stopping: bool = True
     weight_decay: float = 0.0
     eta: float = 1.0
     patience: int = 10  # early stopping on validation accuracy
@@ -172,6 +209,10 @@ class FTConfig:
         _check_positive("ft.batch_size", self.batch_size)
         if self.patience < 1:
             raise ValueError(f"ft.patience must be >= 1; got {self.patience}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"ft.schedule must be 'cosine' or 'constant'; got {self.schedule!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"ft.momentum must lie in [0, 1); got {self.momentum}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,8 @@ Pipeline, in this order, all deterministic from ``cfg.seed``:
    ``test_fraction`` and ``val_fraction`` are carved, stratified by class.
    ``per_class`` caps the downstream examples per class in the pool that
    train (and carved val/test) come from.
-4. Downstream only, when ``cfg.distort``: a rotation in
+4. Downstream only, when ``cfg.distorts()`` (``distort``; by default on only
+   for the toy data: digits, mnist, idx:): a rotation in
    [-max_rotation, max_rotation] degrees and a zoom in ``zoom``, drawn from a
    key folded from ``cfg.seed`` and the example's position in the base data
    set, so each example's distortion is a fixed property of the data set.
@@ -41,6 +42,13 @@ Pipeline, in this order, all deterministic from ``cfg.seed``:
    constants for source and downstream when they share a base set, like the
    usual published CIFAR/MNIST constants). Distortion fills with 0 (black)
    before standardisation.
+
+With ``cfg.pipeline == "imagenet"`` (:mod:`hpft_jax.pipeline`), step 2
+resizes the shorter side and centre-crops instead of squashing (Pillow per
+tfds image, JAX for arrays), grey images become RGB, and step 5 uses the
+ImageNet mean/std for every data set. ``flowers_split="table4"`` reads
+oxford_flowers102 as the paper's Table 4 (train on tfds' test split, test on
+train + validation).
 
 Leakage: when the source and the downstream come from the same base data set,
 pretraining never sees the original images of the downstream val and test
@@ -65,7 +73,7 @@ import struct
 import jax
 import numpy as np
 
-from hpft_jax import augment, ogb
+from hpft_jax import augment, ogb, pipeline
 from hpft_jax.config import DataConfig
 
 __all__ = [
@@ -430,13 +438,19 @@ def _read_chunk(ds, keys: list[int]) -> list:
         return [ds[k] for k in keys]
 
 
-def _decode_images(images: list[np.ndarray], size: int | None, name: str) -> np.ndarray:
+def _decode_images(images: list[np.ndarray], size: int | None, name: str, *,
+                   crop: bool = False) -> np.ndarray:
     """Stack one chunk as (n, H, W, C) float32 ([0, 1] for uint8 images).
 
     With ``size``, every image is first resized to (size, size) with Pillow
-    bilinear (for data sets whose images vary in size).
+    bilinear (for data sets whose images vary in size); with ``crop`` too,
+    resized (shorter side) and centre-cropped instead, the ImageNet eval
+    transform (:func:`hpft_jax.pipeline.resize_center_crop_uint8`).
     """
-    if size is not None:
+    if size is not None and crop:
+        images = [pipeline.resize_center_crop_uint8(np.asarray(im, np.uint8), size)
+                  for im in images]
+    elif size is not None:
         from PIL import Image  # noqa: PLC0415 (optional: only decoding tfds images needs it)
 
         def pil_resize(im):
@@ -463,7 +477,10 @@ def _load_tfds(name: str, cfg: DataConfig) -> _Base:
         raise ValueError(f"images of tfds data set {name!r} vary in size; "
                          "set image_size to resize them")
     known = set(builder.info.splits.keys())  # empty until prepared (and in mocks)
-    if not known or "test" in known:
+    if name == "oxford_flowers102" and cfg.flowers_split == "table4":
+        # Table 4: train on the 6,149 test images, test on train + val (2,040).
+        splits = [(TRAIN, "test"), (TEST, "train"), (TEST, "validation")]
+    elif not known or "test" in known:
         splits = [(TRAIN, "train")] + ([(VAL, "validation")] if "validation" in known else []) \
             + [(TEST, "test")]
     elif "validation" in known:
@@ -472,7 +489,8 @@ def _load_tfds(name: str, cfg: DataConfig) -> _Base:
         raise ValueError(f"tfds data set {name!r} has splits {sorted(known)}; "
                          "need 'train' and 'test' (or 'validation')")
     xs, ys, codes = [], [], []
-    size = cfg.image_size if variable else None
+    crop = imagenet_pipeline(cfg) and cfg.image_size is not None
+    size = cfg.image_size if variable or crop else None
     for code, split in splits:
         try:
             ds = tfds.data_source(name, split=split, data_dir=cfg.data_dir,
@@ -498,7 +516,8 @@ def _load_tfds(name: str, cfg: DataConfig) -> _Base:
         codes.append(np.full(n, code, np.int8))
         for start in range(0, n, _CHUNK):
             examples = _read_chunk(ds, list(range(start, min(start + _CHUNK, n))))
-            xs.append(_decode_images([np.asarray(e[image_key]) for e in examples], size, name))
+            xs.append(_decode_images([np.asarray(e[image_key]) for e in examples], size, name,
+                                     crop=crop))
             ys.append(np.asarray([e[label_key] for e in examples], np.int64))
     if len({x.shape[1:] for x in xs}) > 1:
         raise ValueError(f"images of tfds data set {name!r} vary in size; "
@@ -558,9 +577,20 @@ def _load_base(spec: DataSpec, cfg: DataConfig) -> _Base:
     if spec.classes is not None and max(spec.classes) >= base.num_classes:
         raise ValueError(f"data spec {str(spec)!r}: class {max(spec.classes)} does not "
                          f"exist ({base.num_classes} classes)")
+    if imagenet_pipeline(cfg):
+        x = base.x
+        if cfg.image_size is not None and x.shape[1:3] != (cfg.image_size,) * 2:
+            x = pipeline.resize_center_crop(x, cfg.image_size)  # arrays: resize + crop
+        return dataclasses.replace(base, x=pipeline.to_rgb(x))
     if cfg.image_size is not None:
         base = dataclasses.replace(base, x=_resize(base.x, cfg.image_size))
     return base
+
+
+def imagenet_pipeline(cfg: DataConfig) -> bool:
+    """Whether ``cfg`` reads data through the ImageNet pipeline (resize + centre
+    crop, ImageNet mean/std; :mod:`hpft_jax.pipeline`)."""
+    return cfg.pipeline == "imagenet"
 
 
 # --------------------------------------------------------------------------
@@ -664,7 +694,10 @@ def _assemble(spec: DataSpec, name: str, base: _Base, plan, *, distort: bool,
         k = len(spec.classes)
     if len(plan[0]) == 0:
         raise ValueError(f"data spec {name!r} leaves no training examples")
-    mean, std = _stats(base) if base.standardize else (None, None)
+    if imagenet_pipeline(cfg):
+        mean, std = pipeline.stats()
+    else:
+        mean, std = _stats(base) if base.standardize else (None, None)
     every = np.concatenate(plan)
     x_all = base.x[every]
     if distort:
@@ -719,10 +752,10 @@ def load_source(cfg: DataConfig) -> Dataset:
 
 
 def load_downstream(cfg: DataConfig) -> Dataset:
-    """HP/FT data ``cfg.downstream``, rotated and zoomed if ``cfg.distort``."""
+    """HP/FT data ``cfg.downstream``, rotated and zoomed if ``cfg.distorts()``."""
     spec = parse_spec(cfg.downstream)
     if spec.kind == "ogb":
         return load_graphs(spec, cfg)  # no distortion: it is for images
     base = _load_base(spec, cfg)
     plan = _downstream_plan(base, spec, cfg)
-    return _assemble(spec, cfg.downstream, base, plan, distort=cfg.distort, cfg=cfg)
+    return _assemble(spec, cfg.downstream, base, plan, distort=cfg.distorts(), cfg=cfg)

@@ -135,6 +135,9 @@ class Experiment:
     def run(self, args: argparse.Namespace) -> None:
         """The command: run (unless ``--report-only``), then report."""
         cfg = self.config_from_args(args)
+        if getattr(args, "print_config", False):
+            print(config_lib.dumps(cfg))
+            return
         t0 = time.perf_counter()
         run = self.run_dir(cfg) if args.report_only else self.execute(cfg,
                                                                       progress=not args.quiet)

@@ -20,7 +20,7 @@ import types
 import typing
 from typing import Any, Callable
 
-from hpft_jax import config as C
+from hpft_jax import config as C, normalization, presets
 
 
 # --------------------------------------------------------------------------
@@ -77,6 +77,21 @@ def opt_int_or_all(s: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer or 'all'; got {s!r}") from None
 
 
+def on_off(s: str) -> bool:
+    """``on``/``off`` (also true/false, yes/no, 1/0) -> bool."""
+    v = s.strip().lower()
+    if v in ("on", "true", "yes", "1"):
+        return True
+    if v in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off; got {s!r}")
+
+
+def on_off_auto(s: str) -> bool | None:
+    """``on``/``off``/``auto`` -> True/False/None."""
+    return None if s.strip().lower() == "auto" else on_off(s)
+
+
 def float_pair(s: str) -> tuple[float, float]:
     """``"lo,hi"`` -> ``(lo, hi)``."""
     return _pair(s, ",", float, "lo,hi")
@@ -101,7 +116,16 @@ FLAGS: dict[str, tuple[str | None, str, Callable[[str], Any], str]] = {
     "--zoom": ("data", "zoom", float_pair, "downstream distortion: zoom range lo,hi"),
     "--per-class": ("data", "per_class", int, "cap downstream examples per class"),
     "--image-size": ("data", "image_size", int, "resize images to this size"),
-    "--augment": ("data", "augment", str, "none | flip_crop"),
+    "--augment": ("data", "augment", str, "none | flip_crop | rrc_flip (random-resized-crop "
+                  "+ flip, the ImageNet train augmentation)"),
+    "--distort": ("data", "distort", on_off_auto,
+                  "downstream rotation/zoom: on | off | auto (auto: on for digits, mnist, idx:)"),
+    "--pipeline": ("data", "pipeline", str,
+                   "input pipeline: dataset (own mean/std, squash) | imagenet (ImageNet "
+                   "mean/std, resize + centre crop); default: the --init-from backbone's"),
+    "--flowers-split": ("data", "flowers_split", str,
+                        "oxford_flowers102 split: tfds | table4 (train on the 6,149 test "
+                        "images, test on train+val)"),
     "--data-seed": ("data", "seed", int, "seed of splits and distortion"),
     "--backbone": ("model", "backbone", str, "mlp | resnet18 | resnet34 | resnet50 | resnet_tiny"),
     "--width": ("model", "width", int, "MLP width or ResNet base width (None: 128 / 64)"),
@@ -113,6 +137,9 @@ FLAGS: dict[str, tuple[str | None, str, Callable[[str], Any], str]] = {
     "--dtype": ("model", "dtype", str, "compute dtype (float32 | bfloat16)"),
     "--pretrain-epochs": ("pretrain", "epochs", int, "pretraining epochs"),
     "--pretrain-lr": ("pretrain", "lr", float, "pretraining learning rate"),
+    "--pretrain-optimizer": ("pretrain", "optimizer", str,
+                             "pretraining optimizer: adam | sgd (momentum 0.9); cosine schedule"),
+    "--pretrain-weight-decay": ("pretrain", "weight_decay", float, "pretraining weight decay"),
     "--init-from": ("pretrain", "init_from", str,
                     "use this backbone checkpoint (hpft import-weights, or a pretraining "
                     "cache entry) instead of pretraining"),
@@ -120,7 +147,12 @@ FLAGS: dict[str, tuple[str | None, str, Callable[[str], Any], str]] = {
     "--hp-lr": ("hp", "lr", float, "HP learning rate (constant SGD)"),
     "--eta-hp": ("hp", "eta", float, "HP label smoothing: target η·e_y + (1−η)·u"),
     "--ft-epochs": ("ft", "epochs", int, "maximum FT epochs"),
-    "--ft-lr": ("ft", "lr", float, "FT peak learning rate (cosine)"),
+    "--ft-lr": ("ft", "lr", float, "FT (peak) learning rate"),
+    "--ft-momentum": ("ft", "momentum", float, "FT SGD momentum (0: plain SGD)"),
+    "--ft-schedule": ("ft", "schedule", str, "FT lr schedule: cosine | constant"),
+    "--early-stopping": ("ft", "early_stopping", on_off,
+                         "FT early stopping on validation accuracy: on | off (off: the "
+                         "last epoch's model is evaluated)"),
     "--weight-decay": ("ft", "weight_decay", float, "FT weight decay"),
     "--eta-ft": ("ft", "eta", float, "FT label smoothing η_FT"),
     "--patience": ("ft", "patience", int, "early-stopping patience (epochs)"),
@@ -153,14 +185,19 @@ def add_config_flags(p: argparse.ArgumentParser, defaults: C.SweepConfig | None 
     g.add_argument("--batch-size", type=int, default=None,
                    help=f"batch size of pretraining, HP and FT (default: {bs})")
     g.add_argument("--no-distort", action="store_true",
-                   help="no downstream rotation/zoom" + (
-                       "" if defaults.data.distort else " (default: already off)"))
+                   help="no downstream rotation/zoom (= --distort off)")
     g.add_argument("--download", action="store_true",
                    help="let tensorflow-datasets download (needs internet and tensorflow)")
     g.add_argument("--sequential", action="store_true",
                    help="finetune runs one at a time instead of vmap-batched")
     g.add_argument("--config", default=None,
                    help="start from this config.json (flags override it)")
+    g.add_argument("--preset", default=None, metavar="NAME",
+                   help="start from a named setting (flags override it): "
+                        + " | ".join(presets.PRESETS) + f" (default: {presets.DEFAULT}, "
+                        "the defaults shown); see hpft_jax/presets.py")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as JSON and exit")
 
 
 def file_sha256(path: str) -> str:
@@ -178,11 +215,13 @@ def read_config_file(path: str) -> dict:
 
 
 def sweep_config(args: argparse.Namespace, base: C.SweepConfig | None = None) -> C.SweepConfig:
-    """Fill the dataclasses: ``base`` <- ``--config`` file <- flags."""
+    """Fill the dataclasses: ``base`` <- ``--config`` file <- ``--preset`` <- flags."""
     base = C.SweepConfig() if base is None else base
     if getattr(args, "config", None):
         data = read_config_file(args.config)
         base = C.from_dict(C.SweepConfig, data.get("sweep", data))
+    if getattr(args, "preset", None):
+        base = presets.apply(base, args.preset)
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {s: {} for s in ("data", "model", "pretrain", "hp", "ft")}
     for flag, (section, field, _, _) in FLAGS.items():
@@ -207,7 +246,8 @@ def sweep_config(args: argparse.Namespace, base: C.SweepConfig | None = None) ->
     for s, fields in sections.items():
         if fields:
             top[s] = dataclasses.replace(getattr(base, s), **fields)
-    return dataclasses.replace(base, **top)
+    # config.json names the pipeline an imported backbone implies
+    return normalization.resolve(dataclasses.replace(base, **top))
 
 
 def add_output_flags(p: argparse.ArgumentParser, *, report_only: bool = True) -> None:
@@ -258,7 +298,8 @@ def add_options(p: argparse.ArgumentParser, cls, title: str) -> None:
     """One flag per :func:`option` field of ``cls``, with its default shown."""
     hints = typing.get_type_hints(cls)
     taken = {_dest(flag) for flag in FLAGS} | {"batch_size", "no_distort", "download",
-                                              "sequential", "config"}
+                                              "sequential", "config", "preset",
+                                              "print_config"}
     clash = [f.name for f in option_fields(cls) if f.name in taken]
     if clash:
         raise TypeError(f"{cls.__name__} options {clash} share a name with a sweep flag; "

@@ -8,8 +8,12 @@ keeps its parameters fixed, so the batched result equals R sequential runs.
 
 At the start of FT the driver records, per run, the initial energy
 (AIE = E||e_y - p_0||, Prop. 1) and the features z_0 on the unaugmented
-training inputs in eval mode; at the end, z_T of the best (early-stopped)
-model on the same inputs and the four adaptation metrics.
+training inputs in eval mode; at the end, z_T on the same inputs and the
+four adaptation metrics (+ dist) twice: of the best-validation
+(early-stopped) model (``adapt``) and of the model at the last epoch run
+(``adapt_last``; equal when early stopping is off). With ``project=n``, the
+first principal plane of z_0 on n fixed inputs and both z_T projected on it
+(:func:`projection`; Fig. 3 middle, Fig. 11).
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpft_jax import checkpoint, data as data_lib, energy, errors, parallel, steps, tasks
+from hpft_jax import checkpoint, data as data_lib, energy, errors, parallel, rng, steps, tasks
 from hpft_jax.params import merge, partition
 from hpft_jax.progress import bar
 from hpft_jax.rng import FT_DATA, seed_key
+
+PROJECTION_STREAM = 11  # rng stream of the projected inputs
 
 Tree = Any
 
@@ -133,6 +139,8 @@ def make_ft_epoch(model, ft_cfg, *, num_classes: int, num_train: int, mesh=None,
         val_acc, val_loss = evaluate(state, frozen, data["val_x"], data["val_y"])
         test_acc, _ = evaluate(state, frozen, data["test_x"], data["test_y"])
         improved = (val_acc > carry.best_val) & ~carry.stopped
+        if not ft_cfg.early_stopping:  # the last epoch's model is the one kept
+            improved = ~carry.stopped
         bad = jnp.where(improved, 0, carry.bad_epochs + jnp.where(carry.stopped, 0, 1))
         new = FTCarry(
             state,
@@ -188,6 +196,38 @@ def _features_program(model):
     return lambda p, s, x, y, z0=None: start(p, s, x, y) if z0 is None else end(p, s, x, y, z0)
 
 
+def projection_indices(n: int, k: int) -> np.ndarray:
+    """The ``min(k, n)`` fixed inputs (sorted indices of the adaptation set)
+    whose features :func:`projection` records; the same for every run."""
+    return rng.probe_indices(n, min(k, n), seed=[0, PROJECTION_STREAM], what="projected inputs")
+
+
+def projection(z0: np.ndarray, zt_best: np.ndarray, zt_last: np.ndarray, y: np.ndarray,
+               idx: np.ndarray) -> dict:
+    """z_0 and z_T of P fixed inputs in z_0's first principal plane.
+
+    z0, zt_*: (P, h). The plane is PCA of z_0 (centred at its mean, the top
+    two right singular vectors, each signed so that its largest-magnitude
+    component is positive); all three sets are centred at z_0's mean and
+    projected on it, so the figure shows how far z_T moved from z_0 in z_0's
+    coordinates. Returns JSON-ready lists: ``z0``, ``zt_best``, ``zt_last``
+    (P, 2), ``y`` (P,), ``idx`` (P,), ``explained`` (2,) variance fractions
+    of z_0.
+    """
+    z0, zb, zl = (np.asarray(a, np.float64) for a in (z0, zt_best, zt_last))
+    mu = z0.mean(0)
+    _, sv, vt = np.linalg.svd(z0 - mu, full_matrices=False)
+    basis = vt[:2]
+    basis *= np.sign(basis[np.arange(len(basis)), np.argmax(np.abs(basis), axis=1)])[:, None]
+    total = float((sv**2).sum()) or 1.0
+    y = np.asarray(y)
+    labels = y.astype(int).tolist() if y.ndim == 1 else None  # multi-label (graphs): none
+    proj = lambda z: ((z - mu) @ basis.T).round(5).tolist()  # noqa: E731
+    return {"z0": proj(z0), "zt_best": proj(zb), "zt_last": proj(zl),
+            "y": labels, "idx": np.asarray(idx).astype(int).tolist(),
+            "explained": [float(v) for v in (sv[:2]**2 / total)]}
+
+
 def _stack(trees):
     """Stack host or device trees along a new leading axis, on the host."""
     return jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(v) for v in a]), *trees)
@@ -197,7 +237,8 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
              adapt_x, adapt_y, *, num_classes: int, augment: str = "none", mesh=None,
              ckpt_dir: str | None = None, names: list[str] | None = None,
              progress: bool = True, stop_after_epochs: int | None = None,
-             trainable=None, ckpt_every_s: float = 30.0) -> tuple[list[dict], dict]:
+             trainable=None, ckpt_every_s: float = 30.0,
+             project: int = 0) -> tuple[list[dict], dict]:
     """Finetune R runs together; returns one result dict per run.
 
     ``inits[r] = (params, batch_stats)`` at the start of FT (pretrained
@@ -210,7 +251,8 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     ``stop_after_epochs`` interrupts (for tests) after that
     many epochs of this call, as a kill would. ``trainable(path) -> bool``
     restricts training to a subset of the parameters (Layer FT); the rest
-    get no gradients and no optimizer state.
+    get no gradients and no optimizer state. ``project``: record each run's
+    :func:`projection` on that many fixed inputs of the adaptation set.
 
     Returns the per-run results and the final (best) variables, stacked
     over runs.
@@ -292,7 +334,9 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     pb.close()
 
     end = jax.device_get(feats(full(carry.best_params), carry.best_stats, ax, ay, z0))
+    last = jax.device_get(feats(full(carry.state.params), carry.state.batch_stats, ax, ay, z0))
     adapt, train_acc_t = end["adapt"], end["acc"]
+    proj_idx = projection_indices(len(adapt_y), project) if project else None
     best_epoch = np.asarray(carry.best_epoch)
     hist = {k: np.stack(v, axis=1) for k, v in history.items()}  # (R, epochs)
     dirn = np.concatenate(direction, axis=1)[:, : ft_cfg.direction_steps] if direction else None
@@ -309,10 +353,17 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
             "aie": float(at_start["aie"][r]),
             "p0y_hist": energy.histogram(at_start["p_true"][r]),
             "adapt": {k: float(v[r]) for k, v in adapt.items()},
+            "adapt_last": {k: float(v[r]) for k, v in last["adapt"].items()},
+            "train_acc_last": float(last["acc"][r]),
             "grad_v_norm": None if dirn is None else dirn[r].tolist(),
             "curves": {k: hist[k][r, :int(hist["active"][r].sum())].tolist()
                        for k in ("loss", "train_acc", "val_acc", "val_loss", "test_acc")},
         })
+    if proj_idx is not None:
+        for r, res in enumerate(results):
+            res["projection"] = projection(z0[r][proj_idx], end["z"][r][proj_idx],
+                                           last["z"][r][proj_idx], np.asarray(adapt_y)[proj_idx],
+                                           proj_idx)
     final = {"params": full(carry.best_params), "batch_stats": carry.best_stats}
     if ckpt is not None:
         ckpt.close()

@@ -9,8 +9,8 @@ import sys
 
 import jax
 
-from hpft_jax import flags, jobarray, multihost, parallel, presets, pretrain, prepare, report
-from hpft_jax import sweep
+from hpft_jax import config as config_lib, flags, jobarray, multihost, parallel, pretrain
+from hpft_jax import prepare, report, sweep
 
 
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,9 +18,6 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     flags.add_output_flags(p, report_only=False)
     p.add_argument("--save-final", action="store_true",
                    help="keep every finetuned model under checkpoints/final/")
-    p.add_argument("--preset", choices=sorted(presets.PRESETS), default=None,
-                   help="start from a named configuration (gcn: the paper's graph setting; "
-                        "hpft_jax/presets.py); flags override it")
     p.add_argument("--mesh", default="data",
                    help="device mesh: 'data' (batches split over the local devices), 'runs' "
                         "(the vmapped FT runs split over them, R/n per device) or 'R,D' "
@@ -37,7 +34,10 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    cfg = flags.sweep_config(args, presets.get(args.preset))
+    cfg = flags.sweep_config(args)
+    if args.print_config:
+        print(config_lib.dumps(cfg))
+        return
     explicit = multihost.check_flags(args.coordinator, args.num_processes, args.process_id)
     if explicit or multihost.cluster_detected():
         multihost.initialize(args.coordinator, args.num_processes, args.process_id,
@@ -65,6 +65,9 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
 
 def _pretrain(args: argparse.Namespace) -> None:
     cfg = flags.sweep_config(args)
+    if args.print_config:
+        print(config_lib.dumps(cfg))
+        return
     prepare.load(cfg)  # bad data or model specs fail before any training
     _, meta = pretrain.get_or_train(cfg.data, cfg.model, cfg.pretrain, cfg.runs_dir,
                                     progress=not args.quiet)
@@ -75,6 +78,9 @@ def _pretrain(args: argparse.Namespace) -> None:
 def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("--no-figures", action="store_true", help="write no figures")
+    p.add_argument("--zt", choices=sorted(report.ZT), default="best",
+                   help="z_T of the adaptation metrics: best (best-validation, early-stopped "
+                        "model; default) or last (the last FT epoch's model)")
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -82,7 +88,7 @@ def _report(args: argparse.Namespace) -> None:
     if left:
         print(f"hpft report: note: {len(left)} FT runs of the sweep are not logged yet "
               f"(first: {left[0].label}); the report covers the others", file=sys.stderr)
-    report.report(args.run_dir, write_figures=not args.no_figures)
+    report.report(args.run_dir, write_figures=not args.no_figures, zt=args.zt)
 
 
 SWEEP = flags.Command(sweep.__doc__.split("\n\n")[0], _sweep_arguments, _sweep)

@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from hpft_jax import checkpoint, config as config_lib, data as data_lib, hp, locks, parallel
-from hpft_jax import pretrain
-from hpft_jax import weights
+from hpft_jax import normalization, pretrain, weights
 from hpft_jax.flags import file_sha256
 from hpft_jax.models import make_backbone, make_classifier
 from hpft_jax.params import head_block_names, is_head_path, load_pretrained, merge
@@ -115,7 +114,8 @@ def load(cfg: config_lib.SweepConfig) -> Loaded:
     unknown data sets or backbones, bad class ids, a batch larger than the
     training split, ``reinit_blocks`` beyond the backbone's depth.
     """
-    ds = data_lib.load_downstream(cfg.data)
+    # The input pipeline follows an imported backbone (ImageNet mean/std, crop).
+    ds = data_lib.load_downstream(normalization.resolve(cfg).data)
     model = make_classifier(cfg.model, ds.num_classes, ds.task)
     n = ds.train.x.shape[0]
     for what, bs in (("HP", cfg.hp.batch_size), ("FT", cfg.ft.batch_size)):

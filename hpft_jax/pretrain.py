@@ -38,6 +38,10 @@ def source_data_key(data: config_lib.DataConfig) -> dict:
     the downstream split when both read the same base set (pretraining then
     leaves out the originals of the downstream val/test images)."""
     key = {k: getattr(data, k) for k in SOURCE_FIELDS}
+    if data.pipeline == "imagenet":  # only when set, so older cache keys stay valid
+        key["pipeline"] = data.pipeline
+    if data.flowers_split != "tfds" and "oxford_flowers102" in data.source:
+        key["flowers_split"] = data.flowers_split
     if data_lib.parse_spec(data.source).same_base(data_lib.parse_spec(data.downstream)):
         key.update(downstream=data.downstream, per_class=data.per_class)
     return json.loads(json.dumps(key))

@@ -19,10 +19,18 @@ from hpft_jax.runlog import RunDir
 
 ADAPT = (("dist_sq", "E‖z_T−z_0‖²"), ("norm_sq", "E‖z_T‖²"), ("dot", "E z_Tᵀz_0"),
          ("cos", "E cos(z_T, z_0)"))
+# Which z_T the adaptation metrics use: the ft record's key and its wording.
+ZT = {"best": ("adapt", "z_T of the best-validation model (the early-stopped one)"),
+      "last": ("adapt_last", "z_T of the model at the last FT epoch run")}
 
 
-def summarize(run: RunDir) -> dict:
-    """Per (variant, τ): seed means and standard deviations of every metric."""
+def summarize(run: RunDir, *, zt: str = "best") -> dict:
+    """Per (variant, τ): seed means and standard deviations of every metric;
+    the adaptation metrics of ``zt``'s z_T (:data:`ZT`; records without
+    ``adapt_last``, from before it was logged, give NaN for ``last``)."""
+    if zt not in ZT:
+        raise ValueError(f"zt must be one of {sorted(ZT)}; got {zt!r}")
+    field = ZT[zt][0]
     hp_recs = collections.defaultdict(list)
     for r in run.records("hp"):
         hp_recs[(r["variant"], r["tau"])].append(r)
@@ -40,7 +48,7 @@ def summarize(run: RunDir) -> dict:
                "test_acc": _mean_std(r["test_acc"] for r in f),
                "epochs_run": _mean_std(r["epochs_run"] for r in f)}
         for k, _ in ADAPT:
-            row[k] = _mean_std(r["adapt"][k] for r in f)
+            row[k] = _mean_std((r.get(field) or {}).get(k, math.nan) for r in f)
         out[key] = row
     return out
 
@@ -217,7 +225,40 @@ def figures(run: RunDir, summary: dict) -> list[str]:
         ax.set_ylabel("validation accuracy (%)")
         ax.legend(fontsize=7, ncol=2)
         save(fig, "ft_curves.png")
+
+    projs = sorted((r for r in fts if r.get("projection")), key=lambda r: r["tau"])
+    if projs:
+        save(projection_figure(pyplot, projs), "projection.png")
     return paths
+
+
+def projection_figure(pyplot, recs: list[dict], zt: str = "zt_best"):
+    """Fig. 3 (middle) / Fig. 11: z_0 of the fixed inputs in its first
+    principal plane (one panel, the same for every τ when the backbone is
+    shared), then z_T after HPτ-FT for each logged τ in the same coordinates;
+    coloured by class."""
+    n = len(recs) + 1
+    fig, axes = pyplot.subplots(1, n, figsize=(2.9 * n, 3.1), squeeze=False)
+    first = recs[0]["projection"]
+    pts = [np.asarray(first["z0"])] + [np.asarray(r["projection"][zt]) for r in recs]
+    lo, hi = np.min([p.min(0) for p in pts], axis=0), np.max([p.max(0) for p in pts], axis=0)
+    pad = 0.05 * (hi - lo + 1e-12)
+    titles = ["z_0 (start of FT)"] + [f"z_T, HP{r['tau']}-FT (seed {r['seed']})" for r in recs]
+    y = first["y"]
+    colour = {"c": "C0"} if y is None else {"c": y, "cmap": "tab10", "vmin": 0, "vmax": 9}
+    for ax, p, title in zip(axes.flat, pts, titles):
+        ax.scatter(p[:, 0], p[:, 1], s=8, **colour)
+        ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+        ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=6)
+    ev = first["explained"]
+    fig.suptitle(f"{len(pts[0])} fixed training inputs in z_0's first two principal components "
+                 f"({100 * ev[0]:.0f} % + {100 * ev[1]:.0f} % of z_0's variance)"
+                 + ("" if y is None else "; colour = class")
+                 + f"; z_T = {'best-validation' if zt == 'zt_best' else 'last-epoch'} model",
+                 fontsize=8)
+    return fig
 
 
 def trends(summary: dict) -> list[str]:
@@ -268,12 +309,15 @@ def _metric_note(path: str) -> list[str]:
     return []
 
 
-def report(run_dir: str, *, write_figures: bool = True, out=print) -> str:
-    """Print and write ``report.md`` for a run directory; returns the text."""
+def report(run_dir: str, *, write_figures: bool = True, out=print, zt: str = "best") -> str:
+    """Print and write ``report.md`` for a run directory; returns the text.
+
+    ``zt``: which z_T the adaptation columns use (:data:`ZT`); the default,
+    ``best``, is the early-stopped model (what the README's table shows)."""
     run = RunDir(run_dir)
     if not os.path.isdir(run.path):
         raise FileNotFoundError(f"no run directory at {run.path}")
-    summary = summarize(run)
+    summary = summarize(run, zt=zt)
     if not summary:
         raise ValueError(f"{run.path} has no HP/FT records in metrics*.jsonl yet")
     parts = [
@@ -282,6 +326,10 @@ def report(run_dir: str, *, write_figures: bool = True, out=print) -> str:
         *_metric_note(run.path),
         table1(summary),
         f"## Every τ ({STD_NOTE})",
+        f"Adaptation columns: {ZT[zt][1]} (`{ZT[zt][0]}`). Both are logged; "
+        + ("`hpft report RUN --zt last` shows the last epoch's" if zt == "best" else
+           "`hpft report RUN` (default `--zt best`) shows the best-validation model's")
+        + ". With early stopping off they are the same model.",
         sweep_table(summary),
         "## Trends (paper: distance falls, cos rises, dot/norm rise then fall)",
         "\n".join("- " + s for s in trends(summary)),

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from hpft_jax import augment, parallel, rng, tasks
+from hpft_jax import augment, parallel, pipeline, rng, tasks
 from hpft_jax.params import merge, partition
 
 Tree = Any
@@ -69,10 +69,13 @@ def hp_optimizer(cfg) -> optax.GradientTransformation:
 
 
 def ft_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-    """SGD + momentum 0.9, cosine schedule, optional weight decay; FTConfig."""
-    lr = optax.cosine_decay_schedule(cfg.lr, max(total_steps, 1))
+    """SGD (+ ``cfg.momentum``; 0 = plain SGD), cosine schedule over
+    ``total_steps`` or constant lr (``cfg.schedule``), optional weight decay;
+    FTConfig."""
+    lr = (optax.cosine_decay_schedule(cfg.lr, max(total_steps, 1)) if cfg.schedule == "cosine"
+          else cfg.lr)
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                       optax.sgd(lr, momentum=cfg.momentum))
+                       optax.sgd(lr, momentum=cfg.momentum or None))
 
 
 # --------------------------------------------------------------------------
@@ -97,6 +100,8 @@ def _augment_fn(kind: str) -> Callable[[jax.Array, jax.Array], jax.Array] | None
         return None
     if kind == "flip_crop":
         return lambda x, k: augment.flip_crop(x, k)
+    if kind == "rrc_flip":
+        return lambda x, k: pipeline.random_resized_crop_flip(x, k)
     raise ValueError(f"unknown augmentation {kind!r}")
 
 

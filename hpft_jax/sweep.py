@@ -41,6 +41,23 @@ def group_id(keys) -> str:
     return hashlib.sha256(repr(sorted(keys)).encode()).hexdigest()[:12]
 
 
+PROJECT_INPUTS = 100  # fixed inputs whose z_0/z_T projection is logged (Fig. 3 middle)
+
+
+def projection_taus(taus, k: int = 4) -> tuple[int, ...]:
+    """Up to ``k`` τ spread over the list (first and last included) whose HP
+    runs of the first seed log the z_0/z_T projection."""
+    taus = list(taus)
+    picks = np.unique(np.round(np.linspace(0, len(taus) - 1, min(k, len(taus)))).astype(int))
+    return tuple(taus[i] for i in picks)
+
+
+def projected(key: RunKey, cfg: config_lib.SweepConfig) -> bool:
+    """Whether FT run ``key`` logs the projection (:func:`hpft_jax.ft.projection`)."""
+    return (key.variant == "hp" and key.seed == cfg.seeds[0]
+            and key.tau in projection_taus(cfg.hp.taus))
+
+
 def final_dir(run: RunDir, key: RunKey) -> str:
     """Where ``save_final`` keeps run ``key``'s finetuned variables."""
     return run.checkpoints("final", f"{key.variant}_tau{key.tau}_seed{key.seed}")
@@ -78,7 +95,11 @@ def finetune_group(prep: prep_lib.Prepared, run: RunDir, group: list[RunKey], *,
         ds.train.x, ds.train.y, num_classes=ds.num_classes, augment=cfg.data.augment,
         mesh=prep.mesh, ckpt_dir=run.checkpoints("ft", group_id(group)),
         names=[k.label for k in group], progress=progress,
-        stop_after_epochs=stop_after_epochs, ckpt_every_s=ckpt_every_s)
+        stop_after_epochs=stop_after_epochs, ckpt_every_s=ckpt_every_s,
+        project=PROJECT_INPUTS if any(projected(k, cfg) for k in group) else 0)
+    for k, res in zip(group, results):
+        if not projected(k, cfg):
+            res.pop("projection", None)
     if save_final:
         for r, k in enumerate(group):
             tree = jax.tree_util.tree_map(lambda a: np.asarray(a[r]), final)

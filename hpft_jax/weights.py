@@ -39,6 +39,8 @@ from flax import traverse_util
 from hpft_jax import checkpoint, state_dict as sd_lib
 from hpft_jax.config import ModelConfig, from_dict, to_dict
 from hpft_jax.models import make_backbone
+# torchvision's ImageNet normalisation, for RGB images scaled to [0, 1].
+from hpft_jax.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 FORMAT = "hpft-imported-weights/1"
 ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -47,9 +49,6 @@ ARCHS = ("resnet18", "resnet34", "resnet50")
 LAYOUTS = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
            ((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101",
            ((3, 8, 36, 3), True): "resnet152"}
-# torchvision's ImageNet normalisation, for RGB images scaled to [0, 1].
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Tried in this order when a file holds several networks.
 PREFERRED_PREFIXES = ("", "module.", "module.encoder_q.", "encoder_q.", "module.encoder.",
                       "encoder.", "module.backbone.", "backbone.", "online_network.encoder.",

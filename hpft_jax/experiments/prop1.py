@@ -204,9 +204,12 @@ def _leaves(tree, prefix=()):
 
 def step_sizes(ft_cfg, num_train: int, steps: int) -> np.ndarray:
     """γ_t for the first ``steps`` FT updates, (steps,) float64: the cosine
-    schedule of :func:`hpft_jax.steps.ft_optimizer` over epochs · batches."""
+    schedule of :func:`hpft_jax.steps.ft_optimizer` over epochs · batches
+    (or the constant lr under ``schedule="constant"``)."""
     total = max(ft_cfg.epochs * steps_lib.num_batches(num_train, ft_cfg.batch_size), 1)
     t = np.arange(steps, dtype=np.float64)
+    if ft_cfg.schedule == "constant":
+        return np.full(steps, ft_cfg.lr, np.float64)
     return ft_cfg.lr * 0.5 * (1.0 + np.cos(np.pi * np.minimum(t, total) / total))
 
 
