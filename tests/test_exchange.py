@@ -150,3 +150,33 @@ def test_cli_n_taus_and_bad_input(tmp_path, capsys):
     RunDir(str(runs / "e")).write_config(cfg)
     assert main(base + ["--taus", "0,1,2,4,8", "--n-taus", "2"]) == 2
     assert "different config" in capsys.readouterr().err
+
+
+def test_exchange_metric_follows_the_task():
+    """Multi-label heads are scored by ROC-AUC per (head, backbone) pair, per
+    split, as scikit-learn computes it; classification by accuracy."""
+    from sklearn.metrics import roc_auc_score
+
+    from hpft_jax import tasks
+    from hpft_jax.experiments.exchange import exchange_accuracy
+
+    rng = np.random.default_rng(0)
+    n, N, T = 2, 30, 3
+    logits = rng.normal(size=(n, n, N, T)).astype(np.float32)
+    y = (rng.random((N, T)) < 0.4).astype(np.float32)
+    y[::7, 1] = np.nan  # missing labels
+    x = np.arange(N, dtype=np.float32)[:, None]
+    fn = lambda variables, xs: jnp.asarray(logits)[:, :, np.asarray(xs[:, 0], int)]  # noqa: E731
+    got = exchange_accuracy(fn, None, {"a": (x[:20], y[:20]), "b": (x[20:], y[20:])},
+                            task=tasks.get("multilabel"))
+    for name, sl in (("a", slice(0, 20)), ("b", slice(20, N))):
+        for j in range(n):
+            for i in range(n):
+                ys, ss = y[sl], logits[j, i, sl]
+                want = np.mean([roc_auc_score(ys[~np.isnan(ys[:, t]), t],
+                                              ss[~np.isnan(ys[:, t]), t]) for t in range(T)
+                                if len(set(ys[~np.isnan(ys[:, t]), t])) == 2])
+                np.testing.assert_allclose(got[name][j, i], want, rtol=1e-5)
+    labels = rng.integers(0, T, size=N)
+    acc = exchange_accuracy(fn, None, {"all": (x, labels)}, task=tasks.get("classification"))
+    np.testing.assert_allclose(acc["all"], (logits.argmax(-1) == labels).mean(-1), rtol=1e-6)
