@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                        "for --init-from"),
     "features": ("hpft_jax.commands.features",
                  "backbone features z (N, h) of normalised images (N, H, W, C) from a checkpoint"),
+    "make-voc": ("hpft_jax.commands.make_voc", "a tiny generated data set in VOC's layout"),
     "make-molecules": ("hpft_jax.commands.make_molecules",
                        "random molecule-like graphs with planted labels in OGB's layout"),
     "exchange": ("hpft_jax.experiments.exchange:EXPERIMENT",

@@ -119,7 +119,7 @@ class ModelConfig:
     width: int | None = None  # None: 128 for the MLP, 64 for ResNets
     depth: int = 4  # MLP backbone depth (Dense layers)
     stem: str = "cifar"  # ResNet stem: cifar (3x3, no max-pool) | imagenet
-    head: str = "linear"  # linear | mlp
+    head: str = "linear"  # linear | mlp | deeplab | deeplab_os8 (hpft_jax.deeplab)
     head_hidden: int = 256
     head_depth: int = 2  # Dense layers in the MLP head
     reinit_blocks: int = 0  # partial backbone: last k blocks join the head
@@ -128,8 +128,9 @@ class ModelConfig:
     def __post_init__(self):
         if self.reinit_blocks < 0:
             raise ValueError(f"reinit_blocks must be >= 0; got {self.reinit_blocks}")
-        if self.head not in ("linear", "mlp"):
-            raise ValueError(f"head must be 'linear' or 'mlp'; got {self.head!r}")
+        if self.head not in ("linear", "mlp", "deeplab", "deeplab_os8"):
+            raise ValueError(f"head must be 'linear', 'mlp', 'deeplab' or 'deeplab_os8'; "
+                             f"got {self.head!r}")
 
 
 @dataclasses.dataclass(frozen=True)

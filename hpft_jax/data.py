@@ -73,7 +73,7 @@ import struct
 import jax
 import numpy as np
 
-from hpft_jax import augment, ogb, pipeline
+from hpft_jax import augment, ogb, pipeline, voc
 from hpft_jax.config import DataConfig
 
 __all__ = [
@@ -127,6 +127,17 @@ class GraphSplit(Split):
         if self.x.ndim != 3 or self.y.ndim != 2 or self.y.shape[0] != self.x.shape[0]:
             raise ValueError(f"GraphSplit needs x (N, V, C) and y (N, T); got {self.x.shape} "
                              f"and {self.y.shape}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SegSplit(Split):
+    """Segmentation: x (N, H, W, 3) float32, y (N, H, W) int32 class per
+    pixel, 255 = not labelled (:mod:`hpft_jax.voc`)."""
+
+    def __post_init__(self):
+        if self.x.ndim != 4 or self.y.shape != self.x.shape[:3]:
+            raise ValueError(f"SegSplit needs x (N, H, W, C) and y (N, H, W); got "
+                             f"{self.x.shape} and {self.y.shape}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -230,6 +241,10 @@ def parse_spec(spec: str) -> DataSpec:
             raise ValueError(f"data spec {spec!r} names no path")
         ogb.parse_budget(spec[4:], spec)  # a bad budget fails here
         return DataSpec("ogb", os.path.expanduser(spec[4:]))
+    if spec.startswith("voc:"):  # PASCAL VOC 2012 layout, ``voc:DIR`` (hpft_jax.voc)
+        if not spec[4:]:
+            raise ValueError(f"data spec {spec!r} names no path")
+        return DataSpec("voc", os.path.expanduser(spec[4:]))
     for kind in ("idx", "npz"):
         if spec.startswith(kind + ":"):
             rest = spec[len(kind) + 1:]
@@ -730,6 +745,31 @@ def load_graphs(spec: DataSpec, cfg: DataConfig) -> Dataset:
                    test=splits[2], task="multilabel")
 
 
+VOC_SIZE = 480  # crop side for ``voc:`` when --image-size is not given (torchvision's)
+
+
+def load_voc(spec: DataSpec, cfg: DataConfig) -> Dataset:
+    """A ``voc:DIR`` data set: train.txt minus a seeded val part, test = val.txt."""
+    if cfg.augment != "none":
+        raise ValueError(f"data spec {str(spec)!r}: augmentation {cfg.augment!r} moves images "
+                         "but not masks; segmentation takes --augment none")
+    size = cfg.image_size or VOC_SIZE
+    if size % 16:
+        raise ValueError(f"data spec {str(spec)!r}: image size {size} must be a multiple of 16 "
+                         "(DeepLabV3's output stride)")
+    x, y = voc.read(spec.name, "train", size)
+    tx, ty = voc.read(spec.name, "val", size)
+    perm = np.random.default_rng([cfg.seed, _DOWNSTREAM_STREAM]).permutation(len(x))
+    nv = int(round(cfg.val_fraction * len(x)))
+    vi, ti = np.sort(perm[:nv]), np.sort(perm[nv:])
+    if len(ti) == 0:
+        raise ValueError(f"data spec {str(spec)!r} leaves no training images")
+    return Dataset(name=str(spec), num_classes=len(voc.CLASSES),
+                   train=SegSplit(x[ti], y[ti], origin=ti), val=SegSplit(x[vi], y[vi], origin=vi),
+                   test=SegSplit(tx, ty, origin=np.arange(len(tx)) + len(x)),
+                   mean=voc.IMAGENET_MEAN, std=voc.IMAGENET_STD, task="segmentation")
+
+
 def load_source(cfg: DataConfig) -> Dataset:
     """Pretraining data ``cfg.source``: undistorted, all its classes.
 
@@ -739,6 +779,8 @@ def load_source(cfg: DataConfig) -> Dataset:
     spec, down = parse_spec(cfg.source), parse_spec(cfg.downstream)
     if spec.kind == "ogb":
         return load_graphs(spec, cfg)
+    if spec.kind == "voc":
+        return load_voc(spec, cfg)
     base = _load_base(spec, cfg)
     exclude = None
     if spec.same_base(down):
@@ -756,6 +798,8 @@ def load_downstream(cfg: DataConfig) -> Dataset:
     spec = parse_spec(cfg.downstream)
     if spec.kind == "ogb":
         return load_graphs(spec, cfg)  # no distortion: it is for images
+    if spec.kind == "voc":
+        return load_voc(spec, cfg)  # no distortion: it would move masks too
     base = _load_base(spec, cfg)
     plan = _downstream_plan(base, spec, cfg)
     return _assemble(spec, cfg.downstream, base, plan, distort=cfg.distorts(), cfg=cfg)

@@ -66,3 +66,47 @@ def roc_auc_multilabel(scores, labels) -> float:
     if np.all(np.isnan(per)):
         raise ValueError("no task has both positive and negative labels: ROC-AUC is undefined")
     return float(np.nanmean(per))
+
+
+# --------------------------------------------------------------------------
+# Segmentation: mean IoU from an accumulated confusion matrix.
+#
+# IoU_k = C[k, k] / (Σ_j C[k, j] + Σ_i C[i, k] − C[k, k]) with C[label, pred]
+# counted over labelled pixels (label ≠ ignore_index). A class absent from
+# both the labels and the predictions has 0 / 0: it is NaN and left out of
+# the mean (mmsegmentation's ``nanmean``); a class that is only predicted,
+# or only labelled, has IoU 0 and counts.
+
+
+def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
+                     ignore_index: int = 255) -> jax.Array:
+    """(K, K) int32 counts C[label, pred] over pixels whose label is in
+    [0, K) (so ``ignore_index`` drops out); pred, label: any equal shapes.
+    Sums of these over batches give the data set's matrix. Jittable."""
+    pred = jnp.asarray(pred).reshape(-1).astype(jnp.int32)
+    label = jnp.asarray(label).reshape(-1).astype(jnp.int32)
+    ok = (label >= 0) & (label < num_classes) & (label != ignore_index)
+    idx = jnp.where(ok, label * num_classes + jnp.clip(pred, 0, num_classes - 1), 0)
+    counts = jnp.bincount(idx, weights=ok.astype(jnp.int32), length=num_classes * num_classes)
+    return counts.astype(jnp.int32).reshape(num_classes, num_classes)
+
+
+def iou_per_class(cm: jax.Array) -> jax.Array:
+    """(K,) IoU per class from a confusion matrix; NaN where the union is empty."""
+    cm = jnp.asarray(cm, jnp.float32)
+    tp = jnp.diagonal(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    return jnp.where(union > 0, tp / jnp.maximum(union, 1.0), jnp.nan)
+
+
+def mean_iou_from_confusion(cm: jax.Array) -> jax.Array:
+    """Mean IoU over classes with a non-empty union (NaN if none); jittable."""
+    iou = iou_per_class(cm)
+    ok = ~jnp.isnan(iou)
+    return jnp.where(ok.any(), jnp.where(ok, iou, 0.0).sum() / jnp.maximum(ok.sum(), 1), jnp.nan)
+
+
+def mean_iou(pred, label, num_classes: int, ignore_index: int = 255) -> jax.Array:
+    """mIoU of predicted class maps ``pred`` against ``label`` (same shapes,
+    e.g. (N, H, W)); pixels labelled ``ignore_index`` are not counted."""
+    return mean_iou_from_confusion(confusion_matrix(pred, label, num_classes, ignore_index))

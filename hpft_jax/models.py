@@ -100,6 +100,7 @@ class _Block(nn.Module):
     filters: int
     strides: int = 1
     dtype: Dtype = jnp.float32
+    dilation: int = 1  # of the 3x3 conv (torchvision's replace_stride_with_dilation)
 
 
 class BasicBlock(_Block):
@@ -112,6 +113,8 @@ class BasicBlock(_Block):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
+        if self.dilation != 1:  # as torchvision's BasicBlock
+            raise NotImplementedError("dilation > 1 is not supported in BasicBlock")
         conv, norm = _conv_norm(self.dtype, train)
         s = (self.strides, self.strides)
         y = conv(self.filters, (3, 3), s, padding=_PAD1)(x)
@@ -132,7 +135,9 @@ class BottleneckBlock(_Block):
         conv, norm = _conv_norm(self.dtype, train)
         s = (self.strides, self.strides)
         y = nn.relu(norm()(conv(self.filters, (1, 1), padding=_PAD0)(x)))
-        y = nn.relu(norm()(conv(self.filters, (3, 3), s, padding=_PAD1)(y)))
+        d = self.dilation  # padding = dilation keeps torchvision's geometry
+        y = nn.relu(norm()(conv(self.filters, (3, 3), s, padding=((d, d), (d, d)),
+                                kernel_dilation=(d, d))(y)))
         y = norm()(conv(self.filters * 4, (1, 1), padding=_PAD0)(y))
         return nn.relu(_shortcut(x, y, conv, norm, s) + y)
 
@@ -150,21 +155,31 @@ class ResNet(nn.Module):
     width: int = 64
     stem: str = "cifar"  # cifar: 3x3 conv, no max-pool; imagenet: 7x7/2 + 3x3/2 max-pool
     dtype: Dtype = jnp.float32
+    # torchvision's ``replace_stride_with_dilation`` for stages 2, 3, 4 (() = none):
+    # the stage keeps stride 1 and dilates its 3x3 convs instead; same parameters.
+    dilate: tuple[bool, ...] = ()
+    pool: bool = True  # False: z is the last feature map (N, h, w, C) (DeepLabV3)
 
     @property
     def num_blocks(self) -> int:
         return sum(self.stage_sizes)
 
-    def _layout(self) -> list[tuple[int, int, int]]:
-        """(stage, index-in-stage, strides) for every block, in order."""
-        out = []
+    def _layout(self) -> list[tuple[int, int, int, int]]:
+        """(stage, index-in-stage, strides, dilation) for every block, in order,
+        as torchvision's ``_make_layer``: a dilated stage's first block keeps
+        the previous dilation, the rest use it times the replaced stride."""
+        out, dilation = [], 1
         for s, size in enumerate(self.stage_sizes):
+            stride, first = (2 if s > 0 else 1), dilation
+            if s > 0 and s - 1 < len(self.dilate) and self.dilate[s - 1]:
+                dilation *= stride
+                stride = 1
             for j in range(size):
-                out.append((s, j, 2 if (s > 0 and j == 0) else 1))
+                out.append((s, j, stride if j == 0 else 1, first if j == 0 else dilation))
         return out
 
     def block_name(self, i: int) -> str:
-        s, j, _ = self._layout()[i]
+        s, j, _, _ = self._layout()[i]
         return f"layer{s + 1}_{j + 1}"
 
     @nn.compact
@@ -193,11 +208,12 @@ class ResNet(nn.Module):
                 h = nn.max_pool(h, (3, 3), strides=(2, 2), padding=_PAD1)
         layout = self._layout()
         for i in range(start or 0, stop):
-            s, _, strides = layout[i]
+            s, _, strides, dil = layout[i]
+            kw = {"dilation": dil} if dil != 1 else {}
             h = self.block_cls(filters=self.width * 2**s, strides=strides,
-                               dtype=self.dtype, name=self.block_name(i))(
+                               dtype=self.dtype, name=self.block_name(i), **kw)(
                                    h, train=train)
-        if stop == n and (start is None or start < n):  # start == n: h is pooled already
+        if self.pool and stop == n and (start is None or start < n):  # start == n: h is pooled already
             h = jnp.mean(h, axis=(1, 2))
         return h
 
@@ -306,6 +322,10 @@ def make_backbone(name: str, *, width: int | None = None, depth: int | None = No
 def make_classifier(cfg, num_classes: int, task: str = "classification") -> Classifier:
     """A :class:`Classifier` from a :class:`hpft_jax.config.ModelConfig`;
     ``num_classes``: the head's outputs (classes, or binary tasks)."""
+    if cfg.head.startswith("deeplab"):
+        from hpft_jax import deeplab  # deeplab imports this module
+
+        return deeplab.make_segmenter(cfg, num_classes, task)
     dtype = jnp.dtype(cfg.dtype)
     backbone = make_backbone(cfg.backbone, width=cfg.width, depth=cfg.depth,
                              stem=cfg.stem, dtype=dtype)

@@ -24,8 +24,10 @@ from hpft_jax.progress import bar
 
 
 def source_model_config(model_cfg: config_lib.ModelConfig) -> config_lib.ModelConfig:
-    """The pretraining model: the same backbone with a linear head."""
-    return dataclasses.replace(model_cfg, head="linear", reinit_blocks=0)
+    """The pretraining model: the same backbone with a linear head (a
+    DeepLabV3 head stays: the source is a segmentation set then)."""
+    head = model_cfg.head if model_cfg.head.startswith("deeplab") else "linear"
+    return dataclasses.replace(model_cfg, head=head, reinit_blocks=0)
 
 
 # The DataConfig fields that change the pretraining data or its training.

@@ -158,7 +158,62 @@ class MultiLabel(Task):
         return logits > 0
 
 
-TASKS: dict[str, Task] = {"classification": Classification(), "multilabel": MultiLabel()}
+IGNORE = 255  # the "not labelled" pixel value (PASCAL VOC's object borders)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmentation(Task):
+    """Per-pixel K-way classification; logits (N, H, W, K), y (N, H, W) int
+    with :data:`IGNORE` for unlabelled pixels. Loss, energy, p₀[y] and pixel
+    accuracy are the classification ones over labelled pixels; ``metric`` is
+    mIoU from the confusion matrix of the whole set (:func:`metrics.mean_iou`)."""
+
+    name: str = "segmentation"
+    metric_name: str = "mIoU"
+
+    @staticmethod
+    def labelled(y):
+        return y != IGNORE
+
+    @staticmethod
+    def _safe(y, k):
+        return jnp.where((y >= 0) & (y < k), y, 0)
+
+    def _masked_mean(self, per, y):
+        m = self.labelled(y)
+        return jnp.where(m, per, 0.0).sum() / jnp.maximum(m.sum(), 1)
+
+    def loss(self, logits, y, eta):
+        k = logits.shape[-1]
+        t = smooth_targets(self._safe(y, k), k, eta)
+        per = optax.softmax_cross_entropy(logits.astype(jnp.float32), t)
+        return self._masked_mean(per, y)
+
+    def probs(self, logits):
+        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+    def energy(self, logits, y):
+        k = logits.shape[-1]
+        e = jax.nn.one_hot(self._safe(y, k), k, dtype=jnp.float32)
+        return self._masked_mean(jnp.linalg.norm(e - self.probs(logits), axis=-1), y)
+
+    def p_true(self, logits, y):
+        k = logits.shape[-1]
+        p = jnp.take_along_axis(self.probs(logits), self._safe(y, k)[..., None], axis=-1)[..., 0]
+        return jnp.where(self.labelled(y), p, jnp.nan).reshape(-1)
+
+    def train_metric(self, logits, y):
+        return self._masked_mean((self.predict(logits) == y).astype(jnp.float32), y)
+
+    def metric(self, logits, y):
+        return metrics.mean_iou(self.predict(logits), y, logits.shape[-1], IGNORE)
+
+    def predict(self, logits):
+        return jnp.argmax(logits, axis=-1)
+
+
+TASKS: dict[str, Task] = {"classification": Classification(), "multilabel": MultiLabel(),
+                          "segmentation": Segmentation()}
 
 
 def get(name: str) -> Task:
