@@ -69,7 +69,7 @@ import struct
 import jax
 import numpy as np
 
-from hpft_jax import augment, images, ogb
+from hpft_jax import augment, images, npzio, ogb
 from hpft_jax.config import DataConfig
 
 __all__ = [
@@ -294,10 +294,12 @@ def _check_labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
     return y.astype(np.int32)
 
 
-def _stack_parts(parts: list[tuple[int, np.ndarray, np.ndarray]], what: str) -> _Base:
+def _stack_parts(parts: list[tuple[int, np.ndarray, np.ndarray]], what: str,
+                 stacked: np.ndarray | None = None) -> _Base:
     """[(part code, x, y), ...] -> _Base with num_classes = max label + 1;
-    x already (N, H, W, C), uint8 or float32 (mixed: all to float32 [0, 1])."""
-    if len({p[1].dtype for p in parts}) > 1:
+    x already (N, H, W, C), uint8 or float32 (mixed: all to float32 [0, 1]).
+    ``stacked``: the parts' x already concatenated (their x are its views)."""
+    if stacked is None and len({p[1].dtype for p in parts}) > 1:
         parts = [(c, images.to_unit(x), y) for c, x, y in parts]
     shapes = {p[1].shape[1:] for p in parts}
     if len(shapes) != 1:
@@ -307,7 +309,7 @@ def _stack_parts(parts: list[tuple[int, np.ndarray, np.ndarray]], what: str) -> 
         raise ValueError(f"{what} holds no examples")
     k = int(y.max()) + 1
     return _Base(
-        x=np.concatenate([p[1] for p in parts]),
+        x=np.concatenate([p[1] for p in parts]) if stacked is None else stacked,
         y=y,
         part=np.concatenate([np.full(len(p[2]), p[0], np.int8) for p in parts]),
         num_classes=k,
@@ -402,11 +404,18 @@ def _load_npz(path: str) -> _Base:
             raise ValueError(f"{path} has only one of x_val, y_val")
         if "x_val" in f.files:
             names.insert(1, (VAL, "val"))
+        read = npzio.read_stacked(path, [f"x_{split}" for _, split in names])
+        stacked = None
+        if read is not None and read[0].dtype == np.uint8 and read[0].ndim in (3, 4):
+            # uint8 read in place: each split is a view of one array, no concatenation
+            stacked = _to_images(read[0], f"{path}: x")
+            bounds = np.cumsum([0] + read[1])
         parts = []
-        for code, split in names:
-            x = _to_images(f[f"x_{split}"], f"{path}: x_{split}")
+        for i, (code, split) in enumerate(names):
+            x = (_to_images(f[f"x_{split}"], f"{path}: x_{split}") if stacked is None
+                 else stacked[bounds[i]:bounds[i + 1]])
             parts.append((code, x, _check_labels(f[f"y_{split}"], len(x), f"{path}: y_{split}")))
-    return _stack_parts(parts, f"npz:{path}")
+    return _stack_parts(parts, f"npz:{path}", stacked)
 
 
 # tfds ---------------------------------------------------------------------
@@ -665,8 +674,11 @@ def _stats(base: _Base) -> tuple[np.ndarray, np.ndarray]:
         else np.arange(len(base.x))
     c = base.x.shape[-1]
     total, sq, count = np.zeros(c), np.zeros(c), 0
-    for i in range(0, len(train), 4 * _CHUNK):  # gathered by chunk: no copy of the split
-        chunk = images.to_unit(base.x[train[i:i + 4 * _CHUNK]]).reshape(-1, c).astype(np.float64)
+    # Chunks of at most 2**22 values, gathered one at a time: ~80 MB of
+    # temporaries whatever the image size (at most 4 * _CHUNK images).
+    rows = max(1, min(4 * _CHUNK, 2**22 // int(np.prod(base.x.shape[1:]))))
+    for i in range(0, len(train), rows):
+        chunk = images.to_unit(base.x[train[i:i + rows]]).reshape(-1, c).astype(np.float64)
         total += chunk.sum(0)
         sq += (chunk**2).sum(0)
         count += len(chunk)

@@ -178,3 +178,17 @@ def test_take_rows_equals_fancy_indexing(n, m):
     got = images.take_rows(x, idx)
     np.testing.assert_array_equal(got, expected)
     assert (np.shares_memory(got, x)) == (2 * m > n)  # in place only when it saves memory
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_read_stacked_equals_concatenate(tmp_path, save):
+    from hpft_jax import npzio
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (5, 4, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (2, 4, 3), dtype=np.uint8)
+    save(tmp_path / "s.npz", a=a, b=b, c=b.astype(np.float32))
+    out, lengths = npzio.read_stacked(str(tmp_path / "s.npz"), ["a", "b"])
+    np.testing.assert_array_equal(out, np.concatenate([a, b]))
+    assert lengths == [5, 2] and out.dtype == np.uint8
+    assert npzio.read_stacked(str(tmp_path / "s.npz"), ["a", "c"]) is None  # dtypes differ
