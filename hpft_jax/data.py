@@ -19,8 +19,9 @@ classes 0, 1, 2 with random rotation and zoom) is mirrored offline by
 
 Pipeline, in this order, all deterministic from ``cfg.seed``:
 
-1. Load the whole base data set as float32 (N, H, W, C): digits 0..16 -> /16,
-   uint8 -> /255, other dtypes as stored. Grey images keep C = 1.
+1. Load the whole base data set (N, H, W, C): uint8 images stay uint8
+   (:mod:`hpft_jax.images`: 4x less memory on host and device); digits
+   0..16 -> float32 /16, other dtypes float32 as stored. Grey images keep C = 1.
 2. Resize to ``image_size`` (bilinear, :func:`jax.image.resize`; tfds sets
    whose images vary in size are resized with Pillow bilinear as they are
    decoded, and need ``image_size``).
@@ -41,7 +42,10 @@ Pipeline, in this order, all deterministic from ``cfg.seed``:
    (all classes, after resizing, before subsetting and distortion; the same
    constants for source and downstream when they share a base set, like the
    usual published CIFAR/MNIST constants). Distortion fills with 0 (black)
-   before standardisation.
+   before standardisation. uint8 images are not standardised here: the
+   constants travel as ``Dataset.input_norm`` and the model applies them
+   inside the jitted programs; resizing and distortion of uint8 images round
+   back to uint8 (at most 0.5/255 per pixel).
 
 With ``cfg.pipeline == "imagenet"`` (:mod:`hpft_jax.pipeline`), step 2
 resizes the shorter side and centre-crops instead of squashing (Pillow per
@@ -73,7 +77,7 @@ import struct
 import jax
 import numpy as np
 
-from hpft_jax import augment, ogb, pipeline, voc
+from hpft_jax import augment, images, npzio, ogb, pipeline, voc
 from hpft_jax.config import DataConfig
 
 __all__ = [
@@ -94,7 +98,8 @@ _TFDS_HINT = 'tensorflow-datasets is not installed: pip install -e ".[tfds]"'
 
 @dataclasses.dataclass(frozen=True, eq=False)  # arrays: compare by identity
 class Split:
-    """x: (N, H, W, C) float32, normalised; y: (N,) int32 in [0, num_classes).
+    """x: (N, H, W, C) float32, normalised, or uint8 raw pixels (normalised
+    by the model with ``Dataset.input_norm``); y: (N,) int32 in [0, num_classes).
 
     ``origin``: (N,) int64 position of each example in its base data set
     (official train, then validation, then test, concatenated; the digits in
@@ -143,7 +148,8 @@ class SegSplit(Split):
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
     """A data set split three ways. ``mean``/``std``: (C,) standardisation
-    constants that were applied (x = (raw - mean) / std), None for digits."""
+    constants (x = (raw - mean) / std, raw in [0, 1]), None for digits:
+    applied already to float images, applied by the model to uint8 ones."""
 
     name: str
     num_classes: int
@@ -153,6 +159,13 @@ class Dataset:
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
     task: str = "classification"  # hpft_jax.tasks kind; num_classes = its outputs
+
+    @property
+    def input_norm(self) -> images.Norm | None:
+        """((C,) mean, (C,) std) for a model fed uint8 splits; None for float."""
+        if self.train.x.dtype != np.uint8 or self.mean is None:
+            return None
+        return (tuple(map(float, self.mean)), tuple(map(float, self.std)))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -271,21 +284,21 @@ def parse_spec(spec: str) -> DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class _Base:
-    x: np.ndarray  # (M, H, W, C) float32
+    x: np.ndarray  # (M, H, W, C) float32, or uint8 raw pixels
     y: np.ndarray  # (M,) int32
     part: np.ndarray  # (M,) int8: TRAIN, VAL or TEST
     num_classes: int
     standardize: bool
 
 
-def _to_float_images(x: np.ndarray, what: str) -> np.ndarray:
-    """(N, H, W[, C]) -> (N, H, W, C) float32; uint8 -> [0, 1]."""
+def _to_images(x: np.ndarray, what: str) -> np.ndarray:
+    """(N, H, W[, C]) -> (N, H, W, C): uint8 as is (no copy), else float32."""
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4:
         raise ValueError(f"{what} must have shape (N, H, W) or (N, H, W, C); got {x.shape}")
     if x.dtype == np.uint8:
-        return x.astype(np.float32) / np.float32(255)
+        return x
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise ValueError(f"{what} must be numeric; got dtype {x.dtype}")
     x = x.astype(np.float32)
@@ -304,9 +317,13 @@ def _check_labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
     return y.astype(np.int32)
 
 
-def _stack_parts(parts: list[tuple[int, np.ndarray, np.ndarray]], what: str) -> _Base:
+def _stack_parts(parts: list[tuple[int, np.ndarray, np.ndarray]], what: str,
+                 stacked: np.ndarray | None = None) -> _Base:
     """[(part code, x, y), ...] -> _Base with num_classes = max label + 1;
-    x already float32 (N, H, W, C)."""
+    x already (N, H, W, C), uint8 or float32 (mixed: all to float32 [0, 1]).
+    ``stacked``: the parts' x already concatenated (their x are its views)."""
+    if stacked is None and len({p[1].dtype for p in parts}) > 1:
+        parts = [(c, images.to_unit(x), y) for c, x, y in parts]
     shapes = {p[1].shape[1:] for p in parts}
     if len(shapes) != 1:
         raise ValueError(f"{what}: image shapes differ between splits: {sorted(shapes)}")
@@ -315,7 +332,7 @@ def _stack_parts(parts: list[tuple[int, np.ndarray, np.ndarray]], what: str) -> 
         raise ValueError(f"{what} holds no examples")
     k = int(y.max()) + 1
     return _Base(
-        x=np.concatenate([p[1] for p in parts]),
+        x=np.concatenate([p[1] for p in parts]) if stacked is None else stacked,
         y=y,
         part=np.concatenate([np.full(len(p[2]), p[0], np.int8) for p in parts]),
         num_classes=k,
@@ -392,7 +409,7 @@ def _load_idx(directory: str) -> _Base:
     parts = []
     for code, (images, labels) in _IDX_FILES.items():
         path = _find_file(directory, images)
-        x = _to_float_images(read_idx(path), path)
+        x = _to_images(read_idx(path), path)
         y = _check_labels(read_idx(_find_file(directory, labels)), len(x), labels)
         parts.append((code, x, y))
     return _stack_parts(parts, f"idx:{directory}")
@@ -410,11 +427,18 @@ def _load_npz(path: str) -> _Base:
             raise ValueError(f"{path} has only one of x_val, y_val")
         if "x_val" in f.files:
             names.insert(1, (VAL, "val"))
+        read = npzio.read_stacked(path, [f"x_{split}" for _, split in names])
+        stacked = None
+        if read is not None and read[0].dtype == np.uint8 and read[0].ndim in (3, 4):
+            # uint8 read in place: each split is a view of one array, no concatenation
+            stacked = _to_images(read[0], f"{path}: x")
+            bounds = np.cumsum([0] + read[1])
         parts = []
-        for code, split in names:
-            x = _to_float_images(f[f"x_{split}"], f"{path}: x_{split}")
+        for i, (code, split) in enumerate(names):
+            x = (_to_images(f[f"x_{split}"], f"{path}: x_{split}") if stacked is None
+                 else stacked[bounds[i]:bounds[i + 1]])
             parts.append((code, x, _check_labels(f[f"y_{split}"], len(x), f"{path}: y_{split}")))
-    return _stack_parts(parts, f"npz:{path}")
+    return _stack_parts(parts, f"npz:{path}", stacked)
 
 
 # tfds ---------------------------------------------------------------------
@@ -455,7 +479,7 @@ def _read_chunk(ds, keys: list[int]) -> list:
 
 def _decode_images(images: list[np.ndarray], size: int | None, name: str, *,
                    crop: bool = False) -> np.ndarray:
-    """Stack one chunk as (n, H, W, C) float32 ([0, 1] for uint8 images).
+    """Stack one chunk as (n, H, W, C), uint8 as stored (else float32).
 
     With ``size``, every image is first resized to (size, size) with Pillow
     bilinear (for data sets whose images vary in size); with ``crop`` too,
@@ -478,7 +502,7 @@ def _decode_images(images: list[np.ndarray], size: int | None, name: str, *,
     elif len({im.shape for im in images}) > 1:
         raise ValueError(f"images of tfds data set {name!r} vary in size; "
                          "set image_size to resize them")
-    return _to_float_images(np.stack(images), f"tfds {name!r} images")
+    return _to_images(np.stack(images), f"tfds {name!r} images")
 
 
 def _load_tfds(name: str, cfg: DataConfig) -> _Base:
@@ -556,19 +580,23 @@ def _map_chunks(fn, x: np.ndarray, *extra: np.ndarray) -> np.ndarray:
     if n == 0:
         return x
     size = min(_CHUNK, 1 << (n - 1).bit_length())
-    out = []
+    out = None  # filled chunk by chunk: no list of chunks to concatenate
     for i in range(0, n, size):
         chunks = [a[i:i + size] for a in (x, *extra)]
         m = len(chunks[0])
         if m < size:
             chunks = [np.concatenate([c, np.repeat(c[-1:], size - m, axis=0)]) for c in chunks]
-        out.append(np.asarray(fn(*chunks))[:m])
-    return np.concatenate(out)
+        y = np.asarray(fn(*chunks))[:m]
+        if out is None:
+            out = np.empty((n,) + y.shape[1:], y.dtype)
+        out[i:i + m] = y
+    return out
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _resize_chunk(x, size):
-    return augment.resize(x, size)
+    out = augment.resize(images.to_unit(x), size)
+    return images.quantize(out) if x.dtype == np.uint8 else out
 
 
 def _resize(x: np.ndarray, size: int) -> np.ndarray:
@@ -667,11 +695,13 @@ def _downstream_plan(base: _Base, spec: DataSpec, cfg: DataConfig):
 def _distort_by_origin(x, origin, seed, max_rotation, zoom_lo, zoom_hi):
     """x: (n, H, W, C); origin: (n,) uint32. Key of example i:
     fold_in(fold_in(key(seed), _DISTORT_STREAM), origin[i]). The options are
-    traced values: one compilation serves every seed and setting."""
+    traced values: one compilation serves every seed and setting. uint8 in,
+    uint8 out (distorted in [0, 1], rounded)."""
     key = jax.random.fold_in(jax.random.key(seed), _DISTORT_STREAM)
     angle, z = jax.vmap(lambda i: augment.sample_rotate_zoom(
         jax.random.fold_in(key, i), max_rotation=max_rotation, zoom=(zoom_lo, zoom_hi)))(origin)
-    return augment.rotate_zoom(x, angle, z)
+    out = augment.rotate_zoom(images.to_unit(x), angle, z)
+    return images.quantize(out) if x.dtype == np.uint8 else out
 
 
 def _distort_fixed(x: np.ndarray, origin: np.ndarray, cfg: DataConfig) -> np.ndarray:
@@ -685,11 +715,15 @@ def _distort_fixed(x: np.ndarray, origin: np.ndarray, cfg: DataConfig) -> np.nda
 
 def _stats(base: _Base) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std over the official train split, in float64."""
-    train = base.x[base.part == TRAIN] if (base.part != TRAIN).any() else base.x
-    c = train.shape[-1]
+    train = np.flatnonzero(base.part == TRAIN) if (base.part != TRAIN).any() \
+        else np.arange(len(base.x))
+    c = base.x.shape[-1]
     total, sq, count = np.zeros(c), np.zeros(c), 0
-    for i in range(0, len(train), 4 * _CHUNK):
-        chunk = train[i:i + 4 * _CHUNK].reshape(-1, c).astype(np.float64)
+    # Chunks of at most 2**22 values, gathered one at a time: ~80 MB of
+    # temporaries whatever the image size (at most 4 * _CHUNK images).
+    rows = max(1, min(4 * _CHUNK, 2**22 // int(np.prod(base.x.shape[1:]))))
+    for i in range(0, len(train), rows):
+        chunk = images.to_unit(base.x[train[i:i + rows]]).reshape(-1, c).astype(np.float64)
         total += chunk.sum(0)
         sq += (chunk**2).sum(0)
         count += len(chunk)
@@ -714,17 +748,17 @@ def _assemble(spec: DataSpec, name: str, base: _Base, plan, *, distort: bool,
     else:
         mean, std = _stats(base) if base.standardize else (None, None)
     every = np.concatenate(plan)
-    x_all = base.x[every]
+    x_all = images.take_rows(base.x, every)  # consumes base.x (reorders it in place)
     if distort:
         x_all = _distort_fixed(x_all, every, cfg)  # one pass: one compilation
-    if mean is not None:
+    if mean is not None and x_all.dtype != np.uint8:  # uint8: the model normalises
         x_all -= mean  # in place: x_all is a fresh copy
         x_all /= std
     splits, start = [], 0
     for idx in plan:
         x = x_all[start:start + len(idx)]
         start += len(idx)
-        splits.append(Split(x=np.ascontiguousarray(x, np.float32), y=lookup[base.y[idx]],
+        splits.append(Split(x=np.ascontiguousarray(x), y=lookup[base.y[idx]],
                             origin=idx))
     return Dataset(name=name, num_classes=k, train=splits[0], val=splits[1],
                    test=splits[2], mean=mean, std=std)

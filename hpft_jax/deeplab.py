@@ -119,7 +119,8 @@ def output_stride(backbone: ResNet) -> int:
     return s
 
 
-def make_segmenter(cfg, num_classes: int, task: str = "segmentation") -> Segmenter:
+def make_segmenter(cfg, num_classes: int, task: str = "segmentation",
+                   input_norm=None) -> Segmenter:
     """DeepLabV3 from a :class:`hpft_jax.config.ModelConfig` whose ``head`` is
     one of :data:`HEADS`; the backbone must be a bottleneck ResNet."""
     if task != "segmentation":
@@ -140,4 +141,4 @@ def make_segmenter(cfg, num_classes: int, task: str = "segmentation") -> Segment
     channels = 4 * (cfg.width or 64)  # 256 at ResNet-50's width; narrower for tests
     head = DeepLabHead(num_classes, upsample=output_stride(backbone), rates=rates,
                        channels=channels, dtype=dtype)
-    return Segmenter(backbone=backbone, head=head, task=task)
+    return Segmenter(backbone=backbone, head=head, task=task, input_norm=input_norm)

@@ -27,9 +27,18 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hpft_jax import images
 from hpft_jax.gcn import GCN
 
 Dtype = Any
+
+
+def _refuse_bytes(x) -> None:
+    """Raw uint8 pixels must be normalised first (a Classifier with
+    ``input_norm`` does it); a backbone never silently reads 0..255."""
+    if x.dtype == jnp.uint8:
+        raise ValueError("backbone got uint8 images: normalise them first "
+                         "(hpft_jax.images.normalize, or a Classifier with input_norm)")
 
 
 # --------------------------------------------------------------------------
@@ -55,6 +64,7 @@ class MLPBackbone(nn.Module):
                  stop: int | None = None):
         del train  # no normalisation layers
         stop = self.depth if stop is None else stop
+        _refuse_bytes(x)
         h = x.reshape(x.shape[0], -1) if start is None else x  # stem: flatten
         h = h.astype(self.dtype)
         for i in range(start or 0, stop):
@@ -189,6 +199,7 @@ class ResNet(nn.Module):
             raise ValueError(f"stem must be 'cifar' or 'imagenet'; got {self.stem!r}")
         n = self.num_blocks
         stop = n if stop is None else stop
+        _refuse_bytes(x)
         h = x.astype(self.dtype)
         if start is None:
             if h.ndim != 4:
@@ -268,19 +279,23 @@ class Classifier(nn.Module):
     Parameters live under ``params/backbone`` and ``params/head``; BatchNorm
     statistics under ``batch_stats/backbone``. ``task``: the name of the
     :mod:`hpft_jax.tasks` kind its logits mean (loss, energy, metric).
+    ``input_norm``: ((C,) mean, (C,) std) that uint8 images are standardised
+    with on entry (:func:`hpft_jax.images.normalize`); float input is used
+    as given.
     """
 
     backbone: nn.Module
     head: nn.Module
     task: str = "classification"
+    input_norm: images.Norm | None = None
 
     def __call__(self, x, *, train: bool = False):
-        z = self.backbone(x, train=train)
+        z = self.backbone(images.model_input(x, self.input_norm), train=train)
         return self.head(z, train=train), z
 
     def trunk(self, x, *, split: int, train: bool = False):
         """The frozen part under a partial backbone: stem + blocks[:split]."""
-        return self.backbone(x, train=train, stop=split)
+        return self.backbone(images.model_input(x, self.input_norm), train=train, stop=split)
 
     def top(self, h, *, split: int, train: bool = False):
         """blocks[split:] + head, from the trunk's output: (logits, z)."""
@@ -319,13 +334,15 @@ def make_backbone(name: str, *, width: int | None = None, depth: int | None = No
     return BACKBONES[name](**kw)
 
 
-def make_classifier(cfg, num_classes: int, task: str = "classification") -> Classifier:
+def make_classifier(cfg, num_classes: int, task: str = "classification",
+                    input_norm: images.Norm | None = None) -> Classifier:
     """A :class:`Classifier` from a :class:`hpft_jax.config.ModelConfig`;
-    ``num_classes``: the head's outputs (classes, or binary tasks)."""
+    ``num_classes``: the head's outputs (classes, or binary tasks);
+    ``input_norm``: the data set's (:attr:`hpft_jax.data.Dataset.input_norm`)."""
     if cfg.head.startswith("deeplab"):
-        from hpft_jax import deeplab  # deeplab imports this module
+        from hpft_jax import deeplab  # noqa: PLC0415 (deeplab imports this module)
 
-        return deeplab.make_segmenter(cfg, num_classes, task)
+        return deeplab.make_segmenter(cfg, num_classes, task, input_norm)
     dtype = jnp.dtype(cfg.dtype)
     backbone = make_backbone(cfg.backbone, width=cfg.width, depth=cfg.depth,
                              stem=cfg.stem, dtype=dtype)
@@ -338,4 +355,4 @@ def make_classifier(cfg, num_classes: int, task: str = "classification") -> Clas
     else:
         head = MLPHead(num_classes, hidden=cfg.head_hidden, depth=cfg.head_depth,
                        dtype=dtype)
-    return Classifier(backbone=backbone, head=head, task=task)
+    return Classifier(backbone=backbone, head=head, task=task, input_norm=input_norm)

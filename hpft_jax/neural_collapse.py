@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.spatial.distance import pdist
 
+from hpft_jax import images
 from hpft_jax.models import Classifier
 
 Batch = tuple[Any, Any]
@@ -519,7 +520,7 @@ def block_features_fn(module) -> Callable[[Any, jax.Array], tuple[jax.Array, ...
 
     def chain(m, x):
         bb = m.backbone if is_clf else m
-        outs, h = [], x
+        outs, h = [], images.model_input(x, m.input_norm) if is_clf else x
         for s in range(n):
             h = bb(h, train=False, start=None if s == 0 else s, stop=s + 1)  # None: stem first
             outs.append(global_avg_pool(h))

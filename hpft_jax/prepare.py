@@ -116,7 +116,7 @@ def load(cfg: config_lib.SweepConfig) -> Loaded:
     """
     # The input pipeline follows an imported backbone (ImageNet mean/std, crop).
     ds = data_lib.load_downstream(normalization.resolve(cfg).data)
-    model = make_classifier(cfg.model, ds.num_classes, ds.task)
+    model = make_classifier(cfg.model, ds.num_classes, ds.task, ds.input_norm)
     n = ds.train.x.shape[0]
     for what, bs in (("HP", cfg.hp.batch_size), ("FT", cfg.ft.batch_size)):
         data_lib.check_batch_size(n, bs, what=f"the downstream training set ({what})")

@@ -74,7 +74,8 @@ def train(data_cfg, model_cfg, pre_cfg, source, *, mesh=None, progress: bool = T
     schedule, cross-entropy, BatchNorm in train mode.
     """
     mesh = parallel.data_mesh() if mesh is None else mesh
-    model = make_classifier(source_model_config(model_cfg), source.num_classes, source.task)
+    model = make_classifier(source_model_config(model_cfg), source.num_classes, source.task,
+                            source.input_norm)
     n = source.train.x.shape[0]
     data_lib.check_batch_size(n, pre_cfg.batch_size, what=f"pretraining set {data_cfg.source!r}")
     parallel.check_divisible(pre_cfg.batch_size, mesh, what="pretraining")

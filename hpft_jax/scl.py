@@ -22,6 +22,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hpft_jax import images
 from hpft_jax.neural_collapse import global_avg_pool
 from hpft_jax.models import Classifier
 
@@ -59,11 +60,13 @@ class SCLClassifier(nn.Module):
     backbone: nn.Module
     head: nn.Module
     block: int
+    input_norm: images.Norm | None = None  # as Classifier's
 
     def __call__(self, x, *, train: bool = False):
         n = self.backbone.num_blocks
         if not 0 <= self.block < n:
             raise ValueError(f"block must lie in [0, {n}); got {self.block}")
+        x = images.model_input(x, self.input_norm)
         h = self.backbone(x, train=train, stop=self.block + 1)
         z = self.backbone(h, train=train, start=self.block + 1)
         z = z + zero_pad(global_avg_pool(h), z.shape[-1]).astype(z.dtype)
@@ -75,4 +78,4 @@ def with_skip(model: Classifier, block: int | str) -> SCLClassifier:
     if not isinstance(model, Classifier):
         raise TypeError(f"model must be a hpft_jax.models.Classifier; got {type(model).__name__}")
     return SCLClassifier(backbone=model.backbone, head=model.head,
-                         block=block_index(model.backbone, block))
+                         block=block_index(model.backbone, block), input_norm=model.input_norm)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from hpft_jax import augment, parallel, pipeline, rng, tasks
+from hpft_jax import augment, images, parallel, pipeline, rng, tasks
 from hpft_jax.params import merge, partition
 
 Tree = Any
@@ -95,13 +95,17 @@ def epoch_indices(key: jax.Array, epoch: jax.Array, num_examples: int,
     return perm[: nb * batch_size].reshape(nb, batch_size)
 
 
-def _augment_fn(kind: str) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
+def _augment_fn(kind: str, model=None) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
+    """``aug(x, key)``; uint8 images are normalised first with the model's
+    ``input_norm``, so that augmentation sees what the float path saw."""
     if kind == "none":
         return None
     if kind == "flip_crop":
-        return lambda x, k: augment.flip_crop(x, k)
+        norm = getattr(model, "input_norm", None)
+        return lambda x, k: augment.flip_crop(images.model_input(x, norm), k)
     if kind == "rrc_flip":
-        return lambda x, k: pipeline.random_resized_crop_flip(x, k)
+        norm = getattr(model, "input_norm", None)
+        return lambda x, k: pipeline.random_resized_crop_flip(images.model_input(x, norm), k)
     raise ValueError(f"unknown augmentation {kind!r}")
 
 
@@ -148,7 +152,7 @@ def make_train_step(model, tx, *, num_classes: int, eta: float | jax.Array,
     ``grad_v_norm`` = ||grad of the loss w.r.t. params/head|| (the direction
     term's change, Fig. 2 right; 0 if the head is frozen).
     """
-    aug = _augment_fn(augment)
+    aug = _augment_fn(augment, model)
     task = tasks.of(model)
     del num_classes  # the logits' last axis (kept for callers)
 
@@ -310,7 +314,7 @@ def make_hp_step(model, tx, *, num_classes: int, split: int, mesh=None,
     Gradients are taken w.r.t. ``state.params`` only; ``frozen_params`` enter
     the forward pass as constants, so no backward pass runs through them.
     """
-    aug = _augment_fn(augment)
+    aug = _augment_fn(augment, model)
     task = tasks.of(model)
     del num_classes  # the logits' last axis (kept for callers)
 

@@ -13,8 +13,14 @@ import sys
 import numpy as np
 import pytest
 
-from hpft_jax import data
+from hpft_jax import data, images
 from hpft_jax.config import DataConfig
+
+
+def _seen(ds, split):
+    """What the model computes on: uint8 splits normalised as the model does."""
+    assert split.x.dtype == np.uint8  # byte images stay bytes (hpft_jax.images)
+    return np.asarray(images.normalize(split.x, ds.input_norm))
 
 
 @pytest.fixture(scope="module")
@@ -253,13 +259,13 @@ def test_idx_directory_loads_standardised(idx_dir):
     assert ds.num_classes == 4
     # official test split kept whole and in order; origins count train first
     np.testing.assert_array_equal(ds.test.origin, 40 + np.arange(12))
-    np.testing.assert_allclose(ds.test.x[..., 0], (x_te / 255 - mean) / std, atol=1e-5)
+    np.testing.assert_allclose(_seen(ds, ds.test)[..., 0], (x_te / 255 - mean) / std, atol=1e-5)
     np.testing.assert_array_equal(ds.test.y, y_te)
     # val: a quarter of each class of train, disjoint from train
     assert len(ds.val) == 12 and sorted(np.bincount(ds.val.y)) == [3, 3, 3, 3]
     assert not set(ds.train.origin) & set(ds.val.origin)
     assert set(ds.train.origin) | set(ds.val.origin) == set(range(40))
-    np.testing.assert_allclose(ds.train.x[..., 0], (x_tr[ds.train.origin] / 255 - mean) / std,
+    np.testing.assert_allclose(_seen(ds, ds.train)[..., 0], (x_tr[ds.train.origin] / 255 - mean) / std,
                                atol=1e-5)
     np.testing.assert_array_equal(ds.train.y, y_tr[ds.train.origin])
 
@@ -303,7 +309,7 @@ def test_npz_per_channel_standardisation_and_subset(npz_file):
     keep = np.flatnonzero(np.isin(a["y_test"], [4, 1]))
     np.testing.assert_array_equal(ds.test.origin, 30 + keep)
     np.testing.assert_array_equal(ds.test.y, (a["y_test"][keep] == 1).astype(np.int32))
-    np.testing.assert_allclose(ds.test.x, (a["x_test"][keep] / 255 - mean) / std, atol=1e-5)
+    np.testing.assert_allclose(_seen(ds, ds.test), (a["x_test"][keep] / 255 - mean) / std, atol=1e-5)
 
 
 def test_npz_official_val_and_missing_arrays(tmp_path, npz_file):
@@ -346,9 +352,9 @@ def test_tfds_mock_cifar_subset(tfds, tmp_path):
     keep = np.flatnonzero(np.isin(y_te, [3, 5]))
     np.testing.assert_array_equal(ds.test.origin - 40, keep)
     np.testing.assert_array_equal(ds.test.y, (y_te[keep] == 5).astype(np.int32))
-    np.testing.assert_allclose(ds.test.x, (x_te[keep] / 255 - mean) / std, atol=1e-4)
+    np.testing.assert_allclose(_seen(ds, ds.test), (x_te[keep] / 255 - mean) / std, atol=1e-4)
     tr = ds.train.origin
-    np.testing.assert_allclose(ds.train.x, (x_tr[tr] / 255 - mean) / std, atol=1e-4)
+    np.testing.assert_allclose(_seen(ds, ds.train), (x_tr[tr] / 255 - mean) / std, atol=1e-4)
     np.testing.assert_array_equal(ds.train.y, (y_tr[tr] == 5).astype(np.int32))
 
 
@@ -407,7 +413,7 @@ def test_tfds_real_array_record_round_trip(tfds, tmp_path):
         order = np.array([int(records[i]["index"]) for i in range(len(records))])
         assert sorted(order) == list(range(len(y)))
         np.testing.assert_array_equal(got.origin, offset + np.arange(len(y)))
-        np.testing.assert_allclose(got.x, (x[order] / 255 - mean) / std, atol=1e-5)
+        np.testing.assert_allclose(_seen(ds, got), (x[order] / 255 - mean) / std, atol=1e-5)
         np.testing.assert_array_equal(got.y, y[order])
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hpft_jax import data, normalization, pipeline
+from hpft_jax import data, images, normalization, pipeline
 from hpft_jax.config import DataConfig
 
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -52,9 +52,11 @@ def test_eval_resize_crop_and_imagenet_stats_on_variable_size_images(tfds, tmp_p
     np.testing.assert_allclose(ds.mean, MEAN, rtol=1e-6)
     np.testing.assert_allclose(ds.std, STD, rtol=1e-6)
     assert ds.test.x.shape[1:] == (12, 12, 3)
+    assert ds.test.x.dtype == np.uint8  # stored as bytes, normalised by the model
     for x, i in zip(ds.test.x, ds.test.origin - ds.test.origin.min()):
-        np.testing.assert_allclose(x, _torchvision_eval(imgs[i], 12), atol=1e-5)
-    assert not np.allclose(own.test.x[0] * own.std + own.mean, ds.test.x[0] * STD + MEAN,
+        got = np.asarray(images.normalize(x[None], ds.input_norm))[0]
+        np.testing.assert_allclose(got, _torchvision_eval(imgs[i], 12), atol=1e-5)
+    assert not np.allclose(images.to_unit(own.test.x[0]), images.to_unit(ds.test.x[0]),
                            atol=1e-2)
 
 
@@ -66,7 +68,8 @@ def test_fixed_size_images_are_resized_and_cropped_too(tfds, tmp_path):
         raw = tfds.data_source("stl10", split="test")
         img = np.asarray(raw[0]["image"])
     assert img.shape == (96, 96, 3)  # 96 -> resize 37 -> crop 32 (not a plain 96 -> 32)
-    np.testing.assert_allclose(ds.test.x[0], _torchvision_eval(img, 32), atol=1e-5)
+    got = np.asarray(images.normalize(ds.test.x[:1], ds.input_norm))[0]
+    np.testing.assert_allclose(got, _torchvision_eval(img, 32), atol=1e-5)
 
 
 def test_array_data_resize_crop_and_grey_to_rgb():
