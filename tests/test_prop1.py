@@ -221,7 +221,7 @@ def test_end_to_end_writes_records_and_figure_and_rerun_skips(tmp_path_factory):
 
 @pytest.mark.parametrize("call, match", [
     (lambda: prop1.Prop1Config(n_probes=0), "n_probes must be a positive integer"),
-    (lambda: prop1.check(prop1.Prop1Config(n_probes=11), types.SimpleNamespace(num_train=10)),
+    (lambda: prop1.check(prop1.Prop1Config(n_probes=11), types.SimpleNamespace(num_train=10, model=None)),
      "n_probes=11 exceeds the 10 training samples"),
     (lambda: prop1.Prop1Config(spec_pairs=-1), "spec_pairs"),
     (lambda: prop1.Prop1Config(sweep=C.SweepConfig(ls_eta=0.9)), "HP only"),
