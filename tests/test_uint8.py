@@ -153,18 +153,20 @@ def test_sweep_on_uint8_equals_sweep_on_host_normalised(npz_file, tmp_path, monk
             _assert_close(json.loads(ra), json.loads(rb))
 
 
-def _assert_close(a, b):
+def _assert_close(a, b, atol=1e-6):
     if isinstance(a, dict):
         assert a.keys() == b.keys()
         for k in a:
             if k not in ("time_s", "wall_s", "t"):
-                _assert_close(a[k], b[k])
+                # the z0/zT projection is logged rounded to 5 decimals: one unit
+                # of the last place may differ
+                _assert_close(a[k], b[k], atol=1.5e-5 if k == "projection" else atol)
     elif isinstance(a, list):
         assert len(a) == len(b)
         for u, v in zip(a, b):
-            _assert_close(u, v)
+            _assert_close(u, v, atol)
     elif isinstance(a, float):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol)
     else:
         assert a == b
 
