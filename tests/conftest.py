@@ -36,3 +36,13 @@ def x64():
     """Run a test with 64-bit JAX types (theory tests)."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture(scope="module")
+def tr():
+    """tests/_torch_resnet.py: torchvision's ResNets in plain torch (skips without torch)."""
+    torch = pytest.importorskip("torch")
+    import _torch_resnet  # noqa: PLC0415 (imports torch; only the torch-reference tests need it)
+
+    torch.set_num_threads(2)
+    return _torch_resnet

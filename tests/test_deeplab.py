@@ -1,8 +1,6 @@
 """DeepLabV3: the dilated ResNet-50 against the classification one and
 against torch with torchvision's dilation; head shapes and HP's split."""
 
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,18 +13,6 @@ from hpft_jax.models import ResNet50, make_classifier
 
 W = 8  # tiny ResNet-50 (bottleneck, 3-4-6-3 blocks)
 STAGE3 = 3 + 4 + 6  # blocks through stage 3
-
-
-@pytest.fixture(scope="module")
-def tr():
-    pytest.importorskip("torch")
-    import torch
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    import _torch_resnet
-
-    torch.set_num_threads(2)
-    return _torch_resnet
 
 
 def _dilate_like_torchvision(layer, dilation_first, dilation):

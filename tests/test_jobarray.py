@@ -12,17 +12,8 @@ import pytest
 from hpft_jax import checkpoint, locks
 from hpft_jax.cli import main
 from hpft_jax.runlog import RunDir
+from _subprocess import TINY, child_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--quiet", "--no-figures", "--backbone", "mlp", "--width", "16", "--depth", "2",
-        "--pretrain-epochs", "2", "--tau", "0,1,2", "--seeds", "0,1", "--ft-epochs", "2",
-        "--batch-size", "64", "--hp-lr", "0.005", "--ft-lr", "0.005"]
-
-
-def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def test_save_tree_replaces_atomically_and_survives_a_failed_write(tmp_path, monkeypatch):
@@ -64,7 +55,7 @@ def test_stage_lock_excludes_other_processes_and_times_out(tmp_path):
         [sys.executable, "-c", "import sys, time; from hpft_jax import locks\n"
          f"with locks.stage({path!r}, 'x', progress=False):\n"
          "    print('held', flush=True); time.sleep(60)"],
-        env=_env(), stdout=subprocess.PIPE, text=True)
+        env=child_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         t0 = time.monotonic()
@@ -97,7 +88,7 @@ def test_three_concurrent_shards_then_report_equal_an_unsharded_run(tmp_path):
     shards = [subprocess.Popen(
         [sys.executable, "-m", "hpft_jax.cli", "sweep", *TINY, "--runs-dir",
          str(tmp_path / "sharded"), "--name", "s", "--shard", f"{i}/3"],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(3)]
     assert main(["sweep", *TINY, "--runs-dir", str(tmp_path / "one"), "--name", "s"]) == 0
     for p in shards:

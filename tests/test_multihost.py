@@ -14,18 +14,8 @@ import pytest
 from hpft_jax import multihost
 from hpft_jax.cli import main
 from hpft_jax.runlog import RunDir
+from _subprocess import TINY, child_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--quiet", "--no-figures", "--backbone", "mlp", "--width", "16", "--depth", "2",
-        "--pretrain-epochs", "2", "--tau", "0,1,2", "--seeds", "0,1", "--ft-epochs", "2",
-        "--batch-size", "64", "--hp-lr", "0.005", "--ft-lr", "0.005"]
-
-
-def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _free_port() -> int:
@@ -50,7 +40,7 @@ def test_two_processes_report_what_one_process_reports(tmp_path):
         _cli("sweep", *TINY, "--runs-dir", str(tmp_path / "two"), "--name", "s",
              "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
              "--process-id", str(i), "--init-timeout", "120"),
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     assert main(["sweep", *TINY, "--runs-dir", str(tmp_path / "one"), "--name", "s"]) == 0
     outs = [p.communicate(timeout=900) for p in procs]
@@ -79,7 +69,7 @@ def test_silent_coordinator_times_out_with_a_clear_message(tmp_path):
         _cli("sweep", "--quiet", "--runs-dir", str(tmp_path), "--coordinator",
              f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1",
              "--init-timeout", "2"),
-        env=_env(), capture_output=True, text=True, timeout=120, check=False)
+        env=child_env(), capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert f"coordinator 127.0.0.1:{port} did not answer within 2 s" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1

@@ -28,18 +28,6 @@ def images(n, hw, seed=0):
     return np.random.default_rng(seed).normal(size=(n, hw, hw, 3)).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def tr():
-    pytest.importorskip("torch")
-    import torch
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    import _torch_resnet
-
-    torch.set_num_threads(2)
-    return _torch_resnet
-
-
 def reference(net, x):
     """torch features (N, h) and logits (N, K) of NHWC images ``x``."""
     import torch
