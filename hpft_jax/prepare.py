@@ -139,13 +139,14 @@ def _arch(model_cfg: dict) -> tuple:
 def check_init_from(cfg: config_lib.SweepConfig) -> dict:
     """The ``meta.json`` of ``cfg.pretrain.init_from``, checked against the
     config: it exists, is unchanged (``init_sha256``) and holds the
-    configured backbone. Returns the meta."""
+    configured backbone. Returns the meta, with ``meta_sha256`` added."""
     path = cfg.pretrain.init_from
     meta_file = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_file):
         raise FileNotFoundError(f"--init-from {path}: no backbone checkpoint there (no "
                                 "meta.json); make one with `hpft import-weights`")
-    if cfg.pretrain.init_sha256 is not None and file_sha256(meta_file) != cfg.pretrain.init_sha256:
+    digest = file_sha256(meta_file)
+    if cfg.pretrain.init_sha256 is not None and digest != cfg.pretrain.init_sha256:
         raise ValueError(f"--init-from {path} changed since this run's config was written "
                          "(meta.json's SHA-256 differs); use another --name")
     with open(meta_file) as f:
@@ -160,7 +161,7 @@ def check_init_from(cfg: config_lib.SweepConfig) -> dict:
         diff = ", ".join(f"{n} {a} (config: {b})" for n, a, b in zip(names, have, want) if a != b)
         raise ValueError(f"--init-from {path} holds another backbone: {diff}; "
                          "set --backbone/--width/--depth/--stem to match")
-    return meta
+    return {**meta, "meta_sha256": digest}
 
 
 # --------------------------------------------------------------------------
@@ -180,9 +181,7 @@ def pretrained_for(cfg: config_lib.SweepConfig, run: RunDir, *, mesh=None,
         variables, _ = weights.load_imported(cfg.pretrain.init_from)
         if not logged:
             run.log("pretrain", path=os.path.abspath(cfg.pretrain.init_from), reused=True,
-                    imported=True, meta_sha256=file_sha256(
-                        os.path.join(cfg.pretrain.init_from, "meta.json")),
-                    source=meta.get("source"))
+                    imported=True, meta_sha256=meta["meta_sha256"], source=meta.get("source"))
         return variables
     pre_vars, _ = pretrain.get_or_train(cfg.data, cfg.model, cfg.pretrain, cfg.runs_dir,
                                         mesh=mesh, progress=progress,
