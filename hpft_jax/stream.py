@@ -38,29 +38,6 @@ import numpy as np
 from hpft_jax import rng, steps
 
 MODES = ("auto", "device", "stream")
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def parse_budget(text: str | int | None) -> int | None:
-    """``auto``/None -> None; ``BYTES`` with an optional K/M/G/T (binary)
-    suffix -> bytes; ``ValueError`` otherwise."""
-    if text is None or text == "auto":
-        return None
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        s = str(text).strip().upper().removesuffix("B").removesuffix("I")
-        unit = s[-1:] if s[-1:] in _UNITS and s[-1:] else ""
-        try:
-            value = int(float(s[:len(s) - len(unit)]) * _UNITS[unit])
-        except ValueError:
-            raise ValueError(f"--data-budget: expected BYTES (e.g. 512M, 2G) or auto; "
-                             f"got {text!r}") from None
-    if value < 1:
-        raise ValueError(f"--data-budget must be positive; got {text!r}")
-    return value
-
-
 def auto_budget(device=None) -> int:
     """Half of one device's memory (``bytes_limit``), or a quarter of the
     host's RAM where the device reports none (CPU)."""
