@@ -231,16 +231,19 @@ def _stream_program(model, ft_cfg, num_classes: int, num_train: int, mesh,
 EVAL_CHUNK = 512  # rows per eval chunk, as steps.predict's default
 
 
-def _stream_eval(prog: StreamProgram, state, frozen, x, y, *, num_runs: int, chunk: int):
-    """Logits (R, N, ...) of host ``x`` in chunks, and ``y`` on device."""
+def _stream_eval(prog: StreamProgram, state, frozen, x, y, *, num_runs: int, chunk: int,
+                 mesh):
+    """Logits (R, N, ...) of host ``x`` in chunks (each process reading only
+    its rows), and ``y``, replicated over ``mesh``."""
+    yd = parallel.put_replicated(np.asarray(y), mesh)
     if x.shape[0] == 0:
-        return jnp.zeros((num_runs, 0), jnp.float32), jnp.asarray(y)
+        return jnp.zeros((num_runs, 0), jnp.float32), yd
     return (stream.map_chunks(lambda xc: prog.logits(state, frozen, xc), x, chunk=chunk,
-                              axis=1), jnp.asarray(y))
+                              sharding=stream.rows_sharding(mesh), axis=1), yd)
 
 
 def _stream_epoch(prog: StreamProgram, carry: FTCarry, data: dict, keys, e: int, frozen, *,
-                  batch_size: int, sharding, prefetch: int, chunk: int):
+                  batch_size: int, sharding, prefetch: int, chunk: int, mesh):
     """One FT epoch of every run with streamed batches: what the on-device
     epoch program computes, step by step."""
     n = data["train_x"].shape[0]
@@ -254,9 +257,9 @@ def _stream_epoch(prog: StreamProgram, carry: FTCarry, data: dict, keys, e: int,
     m = jax.tree_util.tree_map(lambda *v: jnp.stack(v, axis=1), *per_step)  # (R, nb)
     r = jax.tree_util.tree_leaves(state)[0].shape[0]
     vl, vy = _stream_eval(prog, state, frozen, data["val_x"], data["val_y"], num_runs=r,
-                          chunk=chunk)
+                          chunk=chunk, mesh=mesh)
     tl, ty = _stream_eval(prog, state, frozen, data["test_x"], data["test_y"], num_runs=r,
-                          chunk=chunk)
+                          chunk=chunk, mesh=mesh)
     return prog.finish(carry._replace(state=state), m, vl, vy, tl, ty, jnp.int32(e))
 
 
@@ -291,7 +294,7 @@ def _feature_scores(task, logits, z, y, z0=None) -> dict:
 
 
 @functools.lru_cache(maxsize=16)
-def _stream_features_program(model, chunk: int):
+def _stream_features_program(model, chunk: int, mesh):
     """:func:`_features_program` on host inputs, in chunks of ``chunk`` rows:
     only the logits and features (R, N, ...) are held on device."""
     task = tasks.of(model)
@@ -303,8 +306,10 @@ def _stream_features_program(model, chunk: int):
                            in_axes=(0, 0, None, 0)))
 
     def run(p, s, x, y, z0=None):
-        logits, z = stream.map_chunks(lambda xc: fwd(p, s, xc), x, chunk=chunk, axis=1)
-        y = jnp.asarray(y)
+        logits, z = stream.map_chunks(lambda xc: fwd(p, s, xc), x, chunk=chunk,
+                                      sharding=stream.rows_sharding(mesh), axis=1)
+        y = parallel.put_replicated(np.asarray(y), mesh)
+        z0 = None if z0 is None else parallel.put_replicated(np.asarray(z0), mesh)
         return start(logits, z, y) if z0 is None else end(logits, z, y, z0)
 
     return run
@@ -410,7 +415,7 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     # Energy and z_0 at the start of FT, eval mode, unaugmented inputs.
     if streamed:
         ax, ay = adapt_x, adapt_y
-        feats = _stream_features_program(model, EVAL_CHUNK)
+        feats = _stream_features_program(model, EVAL_CHUNK, mesh)
     else:
         ax, ay = parallel.put_replicated((jnp.asarray(adapt_x), jnp.asarray(adapt_y)), mesh)
         feats = _features_program(model)
@@ -419,7 +424,8 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
 
     if streamed:
         fn = functools.partial(_stream_epoch, sprog, batch_size=ft_cfg.batch_size,
-                               sharding=sharding, prefetch=input["prefetch"], chunk=EVAL_CHUNK)
+                               sharding=sharding, prefetch=input["prefetch"], chunk=EVAL_CHUNK,
+                               mesh=mesh)
         dev = data
     else:
         fn = _epoch_program(model, ft_cfg, num_classes, n, mesh, augment)

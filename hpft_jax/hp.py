@@ -86,7 +86,8 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
         model, steps.variables(*fr), xx, method=model.trunk, split=split))
     if streamed:  # features on the host, computed in chunks
         feats = np.asarray(stream.map_chunks(lambda xc: trunk(frozen, xc), train_x,
-                                             chunk=EVAL_CHUNK))
+                                             chunk=EVAL_CHUNK,
+                                             sharding=stream.rows_sharding(mesh)))
         train_inputs, y = (feats if augment == "none" else train_x), np.asarray(train_y)
     else:
         x = parallel.put_replicated(jnp.asarray(train_x), mesh)
@@ -108,7 +109,7 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
 
     eval_fn = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None)))
     if streamed:
-        eval_fn = _stream_eval(model, split, feats, y)
+        eval_fn = _stream_eval(model, split, feats, y, mesh)
     taus = list(hp_cfg.taus)
     snapshots: dict[tuple[str, int], tuple[Tree, Tree]] = {}
     records: list[dict] = []
@@ -170,7 +171,7 @@ def _scores(task, logits, y, eta) -> dict:
             "p_true": task.p_true(logits, y), "aie": task.energy(logits, y)}
 
 
-def _stream_eval(model, split: int, feats: np.ndarray, y: np.ndarray):
+def _stream_eval(model, split: int, feats: np.ndarray, y: np.ndarray, mesh):
     """``eval_fn(params, stats, frozen, eta)`` of :func:`probe` on host
     features: logits (S, N, ...) in chunks, then the same scores."""
     task = tasks.of(model)
@@ -181,11 +182,11 @@ def _stream_eval(model, split: int, feats: np.ndarray, y: np.ndarray):
 
     lg = jax.jit(jax.vmap(logits, in_axes=(0, 0, None, None)))
     sc = jax.jit(jax.vmap(lambda l, yy, eta: _scores(task, l, yy, eta), in_axes=(0, None, None)))
-    yd = jnp.asarray(y)
+    yd = parallel.put_replicated(np.asarray(y), mesh)
 
     def eval_fn(params, stats, fr, eta):
         out = stream.map_chunks(lambda hc: lg(params, stats, fr, hc), feats, chunk=EVAL_CHUNK,
-                                axis=1)
+                                sharding=stream.rows_sharding(mesh), axis=1)
         return sc(out, yd, eta)
 
     return eval_fn

@@ -187,22 +187,55 @@ def run_range(step_fn, state, arrays, keys, start: int, stop: int, *, batch_size
 def chunks(x, chunk: int, sharding=None) -> Iterator:
     """Device copies of ``x`` (host) in chunks of ``chunk`` rows (the last
     padded with zeros to the same shape, so one program serves every chunk);
-    yields (device chunk, number of real rows)."""
+    yields (device chunk, number of real rows). With ``sharding`` (rows split
+    over the data axis, padded to a multiple of it), each process reads only
+    the rows its devices hold."""
     n = x.shape[0]
     for lo in range(0, n, chunk):
-        part = np.asarray(x[lo:lo + chunk])
-        real = part.shape[0]
-        if real < chunk and n > chunk:
-            part = np.concatenate([part, np.zeros((chunk - real,) + part.shape[1:], part.dtype)])
-        yield (jax.device_put(part) if sharding is None else jax.device_put(part, sharding)), real
+        real = min(chunk, n - lo)
+        size = chunk if n > chunk else real
+        if sharding is None:
+            part = np.asarray(x[lo:lo + real])
+            if real < size:
+                part = np.concatenate([part, np.zeros((size - real,) + part.shape[1:],
+                                                      part.dtype)])
+            yield jax.device_put(part), real
+            continue
+        d = sharding.mesh.shape.get(sharding.spec[0], 1) if sharding.spec else 1
+        size = -(-size // d) * d
+        shape = (size,) + tuple(x.shape[1:])
+        rows = np.arange(size)[local_block(sharding, shape)[0]]
+        part = np.zeros((len(rows),) + shape[1:], x.dtype)
+        valid = rows < real
+        part[valid] = x[lo + rows[valid]]
+        yield jax.make_array_from_process_local_data(sharding, part, shape), real
 
 
 def map_chunks(fn, x, *, chunk: int = 512, sharding=None, axis: int = 0):
     """``fn(device chunk)`` over the host array ``x`` in chunks, outputs
-    concatenated on device along ``axis`` (a pytree), padding rows dropped."""
+    concatenated on device along ``axis`` (a pytree), padding rows dropped.
+    With ``sharding`` (see :func:`chunks`) the outputs come back replicated
+    over its mesh."""
     outs = []
     for xc, real in chunks(x, chunk, sharding):
         out = fn(xc)
         outs.append(jax.tree_util.tree_map(
             lambda o, r=real: jax.lax.slice_in_dim(o, 0, r, axis=axis), out))
-    return jax.tree_util.tree_map(lambda *o: jnp.concatenate(o, axis=axis), *outs)
+    out = jax.tree_util.tree_map(lambda *o: jnp.concatenate(o, axis=axis), *outs)
+    if sharding is not None:
+        out = _replicate(sharding.mesh)(out)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _replicate(mesh):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))
+
+
+def rows_sharding(mesh):
+    """Eval chunks (c, ...): rows split over the data axis."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from hpft_jax import parallel
+    return NamedSharding(mesh, P(parallel.AXIS))
