@@ -106,15 +106,9 @@ def epoch_indices(keys, epoch: int, num_examples: int, batch_size: int) -> np.nd
 
 
 def local_block(sharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
-    """The block of a global array of ``shape`` that this process's devices
-    hold under ``sharding`` (one slice per axis; a process's devices hold a
-    contiguous block on a mesh laid out process by process)."""
-    idx = list(sharding.addressable_devices_indices_map(shape).values())
-    out = []
-    for ax, n in enumerate(shape):
-        spans = [i[ax].indices(n) if ax < len(i) else (0, n, 1) for i in idx]
-        out.append(slice(min(s[0] for s in spans), max(s[1] for s in spans)))
-    return tuple(out)
+    """:func:`hpft_jax.parallel.local_block`: this process's block."""
+    from hpft_jax import parallel
+    return parallel.local_block(sharding, shape)
 
 
 def batch_sharding(mesh, runs: bool):

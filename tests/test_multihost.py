@@ -94,3 +94,42 @@ def test_cluster_detection():
     assert not multihost.cluster_detected({"SLURM_NTASKS": "1"})  # a job-array task
     assert multihost.cluster_detected({"SLURM_NTASKS": "4"})
     assert multihost.cluster_detected({"TPU_WORKER_HOSTNAMES": "a,b"})
+
+
+@pytest.mark.slow
+def test_two_processes_each_read_only_their_slice_of_every_batch(tmp_path):
+    """Streamed FT on a data mesh over both processes' devices: each process
+    gathers only the rows its device holds (half of every batch and eval
+    chunk), and the results equal one process reading everything."""
+    port = _free_port()
+    worker = os.path.join(os.path.dirname(__file__), "_stream_worker.py")
+    env = child_env()
+    env["PYTHONPATH"] = os.path.dirname(__file__) + os.pathsep + env["PYTHONPATH"]
+    procs = [subprocess.Popen([sys.executable, worker, str(tmp_path / f"p{i}.json"), str(port),
+                               "2", str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    one = subprocess.run([sys.executable, worker, str(tmp_path / "one.json")], env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert one.returncode == 0, one.stderr[-3000:]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    res = []
+    for name in ("one.json", "p0.json", "p1.json"):
+        with open(tmp_path / name) as f:
+            res.append(json.load(f))
+    assert [r["process_count"] for r in res] == [1, 2, 2]
+    rows = [np.asarray(r["rows"]) for r in res]
+    # each process read exactly half of the rows one process read, and together all of them
+    assert len(rows[1]) == len(rows[2]) == len(rows[0]) // 2
+    np.testing.assert_array_equal(np.bincount(rows[1], minlength=96) +
+                                  np.bincount(rows[2], minlength=96),
+                                  np.bincount(rows[0], minlength=96))
+    for r in range(2):
+        a, b, c = (x["results"][r] for x in res)
+        assert b == c  # both processes hold the same (replicated) results
+        for k in ("val_acc", "test_acc", "aie"):
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, err_msg=k)
+        np.testing.assert_allclose(b["curves"]["loss"], a["curves"]["loss"], rtol=1e-5)
+        for k in a["adapt"]:
+            np.testing.assert_allclose(b["adapt"][k], a["adapt"][k], rtol=1e-5, err_msg=k)
