@@ -42,6 +42,8 @@ def _sweep(args: argparse.Namespace) -> None:
     if explicit or multihost.cluster_detected():
         multihost.initialize(args.coordinator, args.num_processes, args.process_id,
                              timeout_s=args.init_timeout)
+        multihost.check_layout(jax.device_count(), jax.process_count(),
+                               jax.local_device_count())
     mesh = parallel.parse_mesh(args.mesh)  # a bad mesh fails before anything is written
     if jax.process_count() > 1:
         run = multihost.run_sweep(cfg, progress=not args.quiet, mesh=mesh)

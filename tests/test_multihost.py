@@ -133,3 +133,41 @@ def test_two_processes_each_read_only_their_slice_of_every_batch(tmp_path):
         np.testing.assert_allclose(b["curves"]["loss"], a["curves"]["loss"], rtol=1e-5)
         for k in a["adapt"]:
             np.testing.assert_allclose(b["adapt"][k], a["adapt"][k], rtol=1e-5, err_msg=k)
+
+
+def test_check_layout():
+    multihost.check_layout(8, 4, 2)
+    for devices, local in ((3, 1), (4, 1)):
+        with pytest.raises(ValueError, match=rf"2 processes do not divide the {devices} "
+                                             rf"devices evenly \(this process has {local}\)"):
+            multihost.check_layout(devices, 2, local)
+
+
+@pytest.mark.slow
+def test_processes_with_unequal_devices_stop_with_one_line(tmp_path):
+    """Process 0 with 2 CPU devices, process 1 with 1: 3 devices, 2 processes."""
+    port = _free_port()
+    procs = []
+    for i, ndev in enumerate((2, 1)):
+        env = child_env()
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
+        procs.append(subprocess.Popen(
+            _cli("sweep", "--quiet", "--runs-dir", str(tmp_path), "--coordinator",
+                 f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                 "--init-timeout", "60"),
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errs = []
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for p, err, ndev in zip(procs, errs, (2, 1)):
+        assert p.returncode == 2, err[-2000:]
+        lines = [ln for ln in err.strip().splitlines() if not ln.startswith("[Gloo]")]
+        assert lines == [f"hpft sweep: error: 2 processes do not divide the 3 devices evenly (this "
+                         f"process has {ndev}); start every process with the same number of "
+                         "devices"], err[-2000:]
+    assert not os.listdir(tmp_path)
