@@ -28,6 +28,7 @@ memory map that were read) plus the reader's buffers.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from typing import Any, Iterator, Sequence
 
@@ -80,6 +81,9 @@ def decide(mode: str, budget: int | None, data_bytes: int, batch_bytes: int, *,
         raise ValueError(f"--data-budget {budget} bytes is smaller than one {what} batch "
                          f"({batch_bytes} bytes); raise it or lower the batch size")
     if mode == "stream" or data_bytes > budget:
+        if importlib.util.find_spec("grain") is None:
+            raise ValueError(f"{what} would stream its input (--input {mode}), which needs "
+                             "grain: pip install 'hpft-jax[stream]'")
         out.update(input="stream", prefetch=int(max(1, min(2, budget // batch_bytes - 1))))
     return out
 
