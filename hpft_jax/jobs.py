@@ -74,7 +74,8 @@ def _pretrain(args: argparse.Namespace) -> None:
     _, meta = pretrain.get_or_train(cfg.data, cfg.model, cfg.pretrain, cfg.runs_dir,
                                     progress=not args.quiet)
     path = pretrain.pretrained_dir(cfg.runs_dir, cfg.data, cfg.model, cfg.pretrain)
-    print(json.dumps({"path": os.path.abspath(path), **meta.get("metrics", {})}, indent=2))
+    print(json.dumps({"path": os.path.abspath(path), **meta.get("metrics", {}),
+                      "input": meta.get("input")}, indent=2))
 
 
 def _report_arguments(p: argparse.ArgumentParser) -> None:
