@@ -143,3 +143,45 @@ def test_budget_smaller_than_a_batch_is_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as bad:
         main(argv + ["--data-budget", "lots"])
     assert bad.value.code == 2 and "expected BYTES" in capsys.readouterr().err
+
+
+_MESH_SCRIPT = """
+import dataclasses, json, sys
+sys.path.insert(0, sys.argv[1])
+import jax, numpy as np
+from hpft_jax import ft, parallel
+from _toy import FT, data_dict, init_vars, tiny_model
+data = data_dict(n=128)
+model = tiny_model()
+inits = [(init_vars(model, data["train_x"], seed=s)["params"], {}) for s in range(4)]
+cfg = dataclasses.replace(FT, epochs=2)
+out = {"devices": jax.device_count()}
+for name, inp in (("device", None), ("stream", {"input": "stream", "prefetch": 2})):
+    mesh = parallel.parse_mesh("2,2")
+    res, _ = ft.finetune(model, cfg, inits, [0, 1, 2, 3], data, data["train_x"],
+                         data["train_y"], num_classes=3, mesh=mesh, progress=False, input=inp)
+    out[name] = [[r["curves"]["loss"], r["val_acc"], r["adapt"]["dist_sq"]] for r in res]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_streamed_ft_on_a_runs_by_data_mesh_equals_on_device():
+    """4 forced devices, mesh (runs 2, data 2): streamed batches (R, B, ...)
+    split over both axes give the on-device results (which equal one
+    device's: tests/test_mesh.py)."""
+    import json
+    import subprocess
+    import sys
+
+    from _subprocess import child_env
+    env = child_env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    out = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, os.path.dirname(__file__)],
+                         env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["devices"] == 4
+    for got, want in zip(res["stream"], res["device"], strict=True):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
