@@ -20,11 +20,8 @@ Prints a Markdown table.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import threading
-import time
 
 _CHILD = r"""
 import json, resource, sys, threading, time

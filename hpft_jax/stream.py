@@ -14,7 +14,7 @@ takes exactly the same steps instead:
   touched) in a grain pipeline with reader threads, and a second grain stage
   places them on the devices ahead of the step that needs them;
 * each process gathers only the rows its own devices hold
-  (:func:`local_block`) and the global batch is assembled with
+  (:func:`hpft_jax.parallel.local_block`) and the global batch is assembled with
   ``jax.make_array_from_process_local_data``; with one process that is the
   whole batch;
 * one jitted step (vmapped over runs where there are several) runs per batch
@@ -35,10 +35,13 @@ from typing import Any, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hpft_jax import rng, steps
+from hpft_jax import parallel, rng, steps
 
-MODES = ("auto", "device", "stream")
+MODES = ("auto", "device", "stream")  # = hpft_jax.config.INPUTS
+
+
 def auto_budget(device=None) -> int:
     """Half of one device's memory (``bytes_limit``), or a quarter of the
     host's RAM where the device reports none (CPU)."""
@@ -51,8 +54,7 @@ def auto_budget(device=None) -> int:
 
 def nbytes(*arrays) -> int:
     """Bytes of host arrays (what the on-device path puts on every device)."""
-    return int(sum(np.asarray(a).nbytes if not hasattr(a, "nbytes") else a.nbytes
-                   for a in arrays))
+    return int(sum(a.dtype.itemsize * int(np.prod(a.shape)) for a in arrays))
 
 
 def example_bytes(*arrays) -> int:
@@ -109,17 +111,8 @@ def epoch_indices(keys, epoch: int, num_examples: int, batch_size: int) -> np.nd
 # Per-process slices and the batch pipeline
 
 
-def local_block(sharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
-    """:func:`hpft_jax.parallel.local_block`: this process's block."""
-    from hpft_jax import parallel
-    return parallel.local_block(sharding, shape)
-
-
 def batch_sharding(mesh, runs: bool):
     """Batches (R, B, ...) split over (runs, data), or (B, ...) over data."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from hpft_jax import parallel
     if not runs:
         return NamedSharding(mesh, P(parallel.AXIS))
     return NamedSharding(mesh, P(parallel.RUNS if parallel.runs_size(mesh) > 1 else None,
@@ -134,7 +127,7 @@ def batches(arrays: Sequence[Any], idx: np.ndarray, sharding, *, prefetch: int =
     a second stage copies to the devices)."""
     import grain
 
-    block = local_block(sharding, idx.shape[1:])
+    block = parallel.local_block(sharding, idx.shape[1:])
     local = idx[(slice(None),) + block]
 
     def gather(s):
@@ -202,7 +195,7 @@ def chunks(x, chunk: int, sharding=None) -> Iterator:
         d = sharding.mesh.shape.get(sharding.spec[0], 1) if sharding.spec else 1
         size = -(-size // d) * d
         shape = (size,) + tuple(x.shape[1:])
-        rows = np.arange(size)[local_block(sharding, shape)[0]]
+        rows = np.arange(size)[parallel.local_block(sharding, shape)[0]]
         part = np.zeros((len(rows),) + shape[1:], x.dtype)
         valid = rows < real
         part[valid] = x[lo + rows[valid]]
@@ -227,13 +220,9 @@ def map_chunks(fn, x, *, chunk: int = 512, sharding=None, axis: int = 0):
 
 @functools.lru_cache(maxsize=8)
 def _replicate(mesh):
-    from jax.sharding import NamedSharding, PartitionSpec as P
     return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))
 
 
 def rows_sharding(mesh):
     """Eval chunks (c, ...): rows split over the data axis."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from hpft_jax import parallel
     return NamedSharding(mesh, P(parallel.AXIS))
