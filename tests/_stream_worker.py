@@ -42,7 +42,7 @@ def main(out, port=None, n=1, me=0):
     rec = Recording(data["train_x"])
     data = dict(data, train_x=rec)
     mesh = parallel.data_mesh(jax.devices())  # every process's devices: a global mesh
-    cfg = dataclasses.replace(FT, epochs=3, patience=3, lr=0.05)
+    cfg = dataclasses.replace(FT, epochs=2, patience=2, lr=0.05)
     results, _ = ft.finetune(model, cfg, inits, [0, 1], data, rec, data["train_y"],
                              num_classes=3, progress=False, mesh=mesh,
                              input={"input": "stream", "prefetch": 2})
