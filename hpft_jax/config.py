@@ -38,6 +38,7 @@ def default_taus(max_exp: int = 10) -> tuple[int, ...]:
 
 
 AUGMENTS = ("none", "flip_crop", "rrc_flip")
+INPUTS = ("auto", "device", "stream")  # hpft_jax/stream.py
 TOY_DOWNSTREAM = ("digits", "mnist", "idx")  # data whose downstream is distorted by default
 
 
@@ -77,6 +78,12 @@ class DataConfig:
     flowers_split: str = "tfds"
     download: bool = False  # let tfds reach the network
     seed: int = 0
+    # Input path (hpft_jax/stream.py): "device" keeps each split on every
+    # device, "stream" gathers batches on the host and prefetches them;
+    # "auto" streams a stage whose data exceed data_budget bytes per device
+    # (None: half the device's memory, a quarter of the RAM on CPU).
+    input: str = "auto"
+    data_budget: int | None = None
 
     def __post_init__(self):
         if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
@@ -98,6 +105,11 @@ class DataConfig:
             raise ValueError(f"zoom must be (lo, hi) with 0 < lo <= hi; got {self.zoom}")
         if self.per_class is not None and self.per_class < 1:
             raise ValueError(f"per_class must be >= 1 or None; got {self.per_class}")
+        if self.input not in INPUTS:
+            raise ValueError(f"input must be one of {', '.join(INPUTS)}; got {self.input!r}")
+        if self.data_budget is not None and self.data_budget < 1:
+            raise ValueError(f"data_budget must be a positive number of bytes or None (auto); "
+                             f"got {self.data_budget}")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size must be >= 1 or None; got {self.image_size}")
 

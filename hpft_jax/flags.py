@@ -63,6 +63,26 @@ def shard(s: str) -> tuple[int, int]:
     return _pair(s, "/", int, "i/n, e.g. 0/4")
 
 
+_BYTE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def byte_size(s: str) -> int | None:
+    """``auto`` -> None; ``BYTES`` with an optional K/M/G/T (binary) suffix
+    -> a positive number of bytes."""
+    if s == "auto":
+        return None
+    t = s.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in _BYTE_UNITS and t[-1:] else ""
+    try:
+        value = int(float(t[:len(t) - len(unit)]) * _BYTE_UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected BYTES (e.g. 512M, 2G) or auto; got {s!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive; got {s!r}")
+    return value
+
+
 def opt_float(s: str) -> float | None:
     return None if s.lower() in ("none", "off", "") else float(s)
 
@@ -127,6 +147,13 @@ FLAGS: dict[str, tuple[str | None, str, Callable[[str], Any], str]] = {
                         "oxford_flowers102 split: tfds | table4 (train on the 6,149 test "
                         "images, test on train+val)"),
     "--data-seed": ("data", "seed", int, "seed of splits and distortion"),
+    "--input": ("data", "input", str,
+                "input path: auto | device (each split on every device) | stream (batches "
+                "gathered on the host and prefetched); auto streams a stage whose data "
+                "exceed --data-budget"),
+    "--data-budget": ("data", "data_budget", byte_size,
+                      "device memory the data of one stage may take, BYTES (512M, 2G) or "
+                      "auto (half a device's memory; a quarter of the RAM on CPU)"),
     "--backbone": ("model", "backbone", str, "mlp | resnet18 | resnet34 | resnet50 | resnet_tiny"),
     "--width": ("model", "width", int, "MLP width or ResNet base width (None: 128 / 64)"),
     "--depth": ("model", "depth", int, "MLP backbone depth"),

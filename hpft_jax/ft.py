@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpft_jax import checkpoint, data as data_lib, energy, errors, parallel, rng, steps, tasks
+from hpft_jax import checkpoint, data as data_lib, energy, errors, parallel, rng, steps, stream
+from hpft_jax import tasks
 from hpft_jax.params import merge, partition
 from hpft_jax.progress import bar
 from hpft_jax.rng import FT_DATA, seed_key
@@ -130,7 +131,7 @@ def make_ft_epoch(model, ft_cfg, *, num_classes: int, num_train: int, mesh=None,
             return jnp.float32(jnp.nan), jnp.float32(jnp.nan)
         params = merge(frozen, state.params) if frozen else state.params
         logits, _ = steps.predict(model, steps.variables(params, state.batch_stats), x)
-        return task.metric(logits, y), task.loss(logits, y, 1.0)
+        return _scores(task, logits, y)
 
     def ft_epoch(carry: FTCarry, data, key, e, frozen=None):
         consts = (frozen,) if frozen else ()
@@ -138,26 +139,37 @@ def make_ft_epoch(model, ft_cfg, *, num_classes: int, num_train: int, mesh=None,
         state = _where(carry.stopped, carry.state, new_state)
         val_acc, val_loss = evaluate(state, frozen, data["val_x"], data["val_y"])
         test_acc, _ = evaluate(state, frozen, data["test_x"], data["test_y"])
-        improved = (val_acc > carry.best_val) & ~carry.stopped
-        if not ft_cfg.early_stopping:  # the last epoch's model is the one kept
-            improved = ~carry.stopped
-        bad = jnp.where(improved, 0, carry.bad_epochs + jnp.where(carry.stopped, 0, 1))
-        new = FTCarry(
-            state,
-            _where(improved, state.params, carry.best_params),
-            _where(improved, state.batch_stats, carry.best_stats),
-            jnp.where(improved, val_acc, carry.best_val),
-            jnp.where(improved, e, carry.best_epoch).astype(jnp.int32),
-            bad.astype(jnp.int32),
-            carry.stopped | (bad >= ft_cfg.patience),
-        )
-        metrics = {"loss": m["loss"], "grad_v_norm": m["grad_v_norm"],
-                   "train_acc": m["acc"].mean(), "val_acc": val_acc, "val_loss": val_loss,
-                   "test_acc": test_acc,
-                   "active": ~carry.stopped}
-        return new, metrics
+        return _early_stop(ft_cfg, carry, state, m, val_acc, val_loss, test_acc, e)
 
     return ft_epoch
+
+
+def _scores(task, logits, y):
+    """(the task's metric, its loss with unsmoothed targets)."""
+    return task.metric(logits, y), task.loss(logits, y, 1.0)
+
+
+def _early_stop(ft_cfg, carry: FTCarry, state, m, val_acc, val_loss, test_acc, e):
+    """The carry after epoch ``e`` (``state``: its trained state, ``m``: its
+    per-step metrics) and the epoch's metrics; one run."""
+    improved = (val_acc > carry.best_val) & ~carry.stopped
+    if not ft_cfg.early_stopping:  # the last epoch's model is the one kept
+        improved = ~carry.stopped
+    bad = jnp.where(improved, 0, carry.bad_epochs + jnp.where(carry.stopped, 0, 1))
+    new = FTCarry(
+        state,
+        _where(improved, state.params, carry.best_params),
+        _where(improved, state.batch_stats, carry.best_stats),
+        jnp.where(improved, val_acc, carry.best_val),
+        jnp.where(improved, e, carry.best_epoch).astype(jnp.int32),
+        bad.astype(jnp.int32),
+        carry.stopped | (bad >= ft_cfg.patience),
+    )
+    metrics = {"loss": m["loss"], "grad_v_norm": m["grad_v_norm"],
+               "train_acc": m["acc"].mean(), "val_acc": val_acc, "val_loss": val_loss,
+               "test_acc": test_acc,
+               "active": ~carry.stopped}
+    return new, metrics
 
 
 @functools.lru_cache(maxsize=16)
@@ -168,6 +180,87 @@ def _epoch_program(model, ft_cfg, num_classes: int, num_train: int, mesh, augmen
                           mesh=mesh, augment=augment)
     return jax.jit(jax.vmap(epoch, in_axes=(0, None, 0, None, 0),
                             spmd_axis_name=parallel.spmd_axis(mesh)), donate_argnums=0)
+
+
+class StreamProgram(NamedTuple):
+    """The streamed FT epoch's jitted, vmapped pieces (see :func:`finetune`).
+
+    ``step(state, x, y, keys, epoch, i, stopped, frozen)``: one step of every
+    run on its (B, ...) batch (stopped runs keep their state; state donated);
+    ``logits(state, frozen, x)``: eval-mode logits (R, c, ...) of a chunk;
+    ``finish(carry, m, val_logits, val_y, test_logits, test_y, epoch)``: the
+    early-stopping update of :func:`make_ft_epoch` (carry donated).
+    """
+
+    step: Any
+    logits: Any
+    finish: Any
+
+
+@functools.lru_cache(maxsize=16)
+def _stream_program(model, ft_cfg, num_classes: int, num_train: int, mesh,
+                    augment: str) -> StreamProgram:
+    _, step = make_ft_step(model, ft_cfg, num_classes=num_classes, num_train=num_train,
+                           mesh=mesh, augment=augment)
+    keyed = stream.keyed_step(step)
+    task = tasks.of(model)
+    spmd = parallel.spmd_axis(mesh)
+
+    def one(state, x, y, key, e, i, stopped, frozen=None):
+        new, m = keyed(state, x, y, key, e, i, *((frozen,) if frozen else ()))
+        return _where(stopped, state, new), m
+
+    def logits(state, frozen, x):
+        params = merge(frozen, state.params) if frozen else state.params
+        return steps.predict(model, steps.variables(params, state.batch_stats), x)[0]
+
+    def finish(carry, m, val_logits, val_y, test_logits, test_y, e):
+        nan = (jnp.float32(jnp.nan), jnp.float32(jnp.nan))
+        val_acc, val_loss = _scores(task, val_logits, val_y) if val_y.shape[0] else nan
+        test_acc, _ = _scores(task, test_logits, test_y) if test_y.shape[0] else nan
+        return _early_stop(ft_cfg, carry, carry.state, m, val_acc, val_loss, test_acc, e)
+
+    return StreamProgram(
+        jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, None, None, 0, 0), spmd_axis_name=spmd),
+                donate_argnums=0),
+        jax.jit(jax.vmap(logits, in_axes=(0, 0, None), spmd_axis_name=spmd)),
+        jax.jit(jax.vmap(finish, in_axes=(0, 0, 0, None, 0, None, None), spmd_axis_name=spmd),
+                donate_argnums=0))
+
+
+EVAL_CHUNK = 512  # rows per eval chunk, as steps.predict's default
+
+
+def _stream_eval(prog: StreamProgram, state, frozen, x, y, *, num_runs: int, chunk: int,
+                 mesh):
+    """Logits (R, N, ...) of host ``x`` in chunks (each process reading only
+    its rows), and ``y``, replicated over ``mesh``."""
+    yd = parallel.put_replicated(np.asarray(y), mesh)
+    if x.shape[0] == 0:
+        return jnp.zeros((num_runs, 0), jnp.float32), yd
+    return (stream.map_chunks(lambda xc: prog.logits(state, frozen, xc), x, chunk=chunk,
+                              sharding=stream.rows_sharding(mesh), axis=1), yd)
+
+
+def _stream_epoch(prog: StreamProgram, carry: FTCarry, data: dict, keys, e: int, frozen, *,
+                  batch_size: int, sharding, prefetch: int, chunk: int, mesh):
+    """One FT epoch of every run with streamed batches: what the on-device
+    epoch program computes, step by step."""
+    n = data["train_x"].shape[0]
+    nb = steps.num_batches(n, batch_size)
+    per_step = []
+    state = stream.run_range(
+        prog.step, carry.state, (data["train_x"], data["train_y"]), keys, e * nb, (e + 1) * nb,
+        batch_size=batch_size, num_examples=n, sharding=sharding,
+        consts=(carry.stopped, frozen), prefetch=prefetch,
+        on_step=lambda s, m: per_step.append(m))
+    m = jax.tree_util.tree_map(lambda *v: jnp.stack(v, axis=1), *per_step)  # (R, nb)
+    r = jax.tree_util.tree_leaves(state)[0].shape[0]
+    vl, vy = _stream_eval(prog, state, frozen, data["val_x"], data["val_y"], num_runs=r,
+                          chunk=chunk, mesh=mesh)
+    tl, ty = _stream_eval(prog, state, frozen, data["test_x"], data["test_y"], num_runs=r,
+                          chunk=chunk, mesh=mesh)
+    return prog.finish(carry._replace(state=state), m, vl, vy, tl, ty, jnp.int32(e))
 
 
 @functools.lru_cache(maxsize=16)
@@ -185,15 +278,41 @@ def _features_program(model):
 
     def one(p, s, x, y, z0=None):
         logits, z = steps.predict(model, steps.variables(p, s), x)
-        out = {"z": z, "aie": task.energy(logits, y), "p_true": task.p_true(logits, y),
-               "acc": task.metric(logits, y)}
-        if z0 is not None:
-            out["adapt"] = energy.adaptation(z0, z)
-        return out
+        return _feature_scores(task, logits, z, y, z0)
 
     start = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
     end = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, 0)))
     return lambda p, s, x, y, z0=None: start(p, s, x, y) if z0 is None else end(p, s, x, y, z0)
+
+
+def _feature_scores(task, logits, z, y, z0=None) -> dict:
+    out = {"z": z, "aie": task.energy(logits, y), "p_true": task.p_true(logits, y),
+           "acc": task.metric(logits, y)}
+    if z0 is not None:
+        out["adapt"] = energy.adaptation(z0, z)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _stream_features_program(model, chunk: int, mesh):
+    """:func:`_features_program` on host inputs, in chunks of ``chunk`` rows:
+    only the logits and features (R, N, ...) are held on device."""
+    task = tasks.of(model)
+    fwd = jax.jit(jax.vmap(lambda p, s, xc: steps.predict(model, steps.variables(p, s), xc),
+                           in_axes=(0, 0, None)))
+    start = jax.jit(jax.vmap(lambda lg, z, y: _feature_scores(task, lg, z, y),
+                             in_axes=(0, 0, None)))
+    end = jax.jit(jax.vmap(lambda lg, z, y, z0: _feature_scores(task, lg, z, y, z0),
+                           in_axes=(0, 0, None, 0)))
+
+    def run(p, s, x, y, z0=None):
+        logits, z = stream.map_chunks(lambda xc: fwd(p, s, xc), x, chunk=chunk,
+                                      sharding=stream.rows_sharding(mesh), axis=1)
+        y = parallel.put_replicated(np.asarray(y), mesh)
+        z0 = None if z0 is None else parallel.put_replicated(np.asarray(z0), mesh)
+        return start(logits, z, y) if z0 is None else end(logits, z, y, z0)
+
+    return run
 
 
 def projection_indices(n: int, k: int) -> np.ndarray:
@@ -238,7 +357,7 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
              ckpt_dir: str | None = None, names: list[str] | None = None,
              progress: bool = True, stop_after_epochs: int | None = None,
              trainable=None, ckpt_every_s: float = 30.0,
-             project: int = 0) -> tuple[list[dict], dict]:
+             project: int = 0, input: dict | None = None) -> tuple[list[dict], dict]:
     """Finetune R runs together; returns one result dict per run.
 
     ``inits[r] = (params, batch_stats)`` at the start of FT (pretrained
@@ -253,6 +372,11 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     restricts training to a subset of the parameters (Layer FT); the rest
     get no gradients and no optimizer state. ``project``: record each run's
     :func:`projection` on that many fixed inputs of the adaptation set.
+    ``input``: :func:`hpft_jax.stream.decide`'s choice; with
+    ``input["input"] == "stream"`` the data stay on the host and every
+    batch is gathered there and prefetched (:mod:`hpft_jax.stream`): the
+    same steps on the same examples as the on-device path, evaluation in
+    chunks of :data:`EVAL_CHUNK` rows.
 
     Returns the per-run results and the final (best) variables, stacked
     over runs.
@@ -268,7 +392,12 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     names = names or [f"run {i}" for i in range(len(inits))]
     num_runs = len(inits)  # padded to a multiple of the mesh's runs axis:
     inits, seeds, names = (parallel.pad_runs(v, mesh) for v in (inits, seeds, names))
-    dev = parallel.put_replicated({k: jnp.asarray(v) for k, v in data.items()}, mesh)
+    streamed = bool(input) and input["input"] == "stream"
+    if streamed:
+        sprog = _stream_program(model, ft_cfg, num_classes, n, mesh, augment)
+        sharding = stream.batch_sharding(mesh, runs=True)
+    else:
+        dev = parallel.put_replicated({k: jnp.asarray(v) for k, v in data.items()}, mesh)
     keys = parallel.put_runs(jnp.stack([seed_key(s, FT_DATA) for s in seeds]), mesh)
 
     params0, stats0 = _stack([p for p, _ in inits]), _stack([s for _, s in inits])
@@ -284,12 +413,22 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     full = (lambda p: merge(frozen, p)) if frozen else (lambda p: p)  # noqa: E731
 
     # Energy and z_0 at the start of FT, eval mode, unaugmented inputs.
-    ax, ay = parallel.put_replicated((jnp.asarray(adapt_x), jnp.asarray(adapt_y)), mesh)
-    feats = _features_program(model)
+    if streamed:
+        ax, ay = adapt_x, adapt_y
+        feats = _stream_features_program(model, EVAL_CHUNK, mesh)
+    else:
+        ax, ay = parallel.put_replicated((jnp.asarray(adapt_x), jnp.asarray(adapt_y)), mesh)
+        feats = _features_program(model)
     at_start = jax.device_get(feats(full(train0), stats0, ax, ay))
     z0 = at_start["z"]
 
-    fn = _epoch_program(model, ft_cfg, num_classes, n, mesh, augment)
+    if streamed:
+        fn = functools.partial(_stream_epoch, sprog, batch_size=ft_cfg.batch_size,
+                               sharding=sharding, prefetch=input["prefetch"], chunk=EVAL_CHUNK,
+                               mesh=mesh)
+        dev = data
+    else:
+        fn = _epoch_program(model, ft_cfg, num_classes, n, mesh, augment)
     history = {k: [] for k in ("loss", "train_acc", "val_acc", "val_loss", "test_acc", "active")}
     direction: list[np.ndarray] = []
     start = 0

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpft_jax import data as data_lib, energy, errors, parallel, steps, tasks
+from hpft_jax import data as data_lib, energy, errors, parallel, steps, stream, tasks
 from hpft_jax.params import head_block_names, is_head_path, merge, partition
 from hpft_jax.progress import bar
 from hpft_jax.rng import HEAD_INIT, HP_DATA, seed_key
@@ -64,12 +64,16 @@ def init_heads(model, x_example, seeds, reinit_blocks: int):
 
 def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: dict[str, float],
           reinit_blocks: int, num_classes: int, augment: str = "none", mesh=None,
-          progress: bool = True) -> Probe:
+          progress: bool = True, input: dict | None = None) -> Probe:
     """Run HP for every variant (name -> η_HP) and return the snapshots.
 
     ``base_vars`` holds the pretrained backbone (its head entries are unused);
     train_x (N, ...), train_y (N,). ``variants['hp']`` snapshots at every τ
     of ``hp_cfg.taus``; any other variant (lsHP) only at the largest τ.
+    ``input``: :func:`hpft_jax.stream.decide`'s choice; streamed, the
+    inputs stay on the host: the trunk's features are computed in chunks and
+    kept on the host, and every HP batch (features, or raw inputs with
+    augmentation) is gathered there (:mod:`hpft_jax.stream`).
     """
     mesh = parallel.data_mesh() if mesh is None else mesh
     n = train_x.shape[0]
@@ -77,15 +81,21 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
     parallel.check_divisible(hp_cfg.batch_size, mesh, what="HP")
     _, _, fparams, fstats, split = split_head(model, base_vars, reinit_blocks)
     frozen = parallel.put_replicated((fparams, fstats), mesh)
-    x = parallel.put_replicated(jnp.asarray(train_x), mesh)
-    y = parallel.put_replicated(jnp.asarray(train_y), mesh)
-
+    streamed = bool(input) and input["input"] == "stream"
     trunk = jax.jit(lambda fr, xx: steps.predict(
         model, steps.variables(*fr), xx, method=model.trunk, split=split))
-    feats = trunk(frozen, x)  # eval mode, (N, ...): cached once
-    train_inputs = feats if augment == "none" else x
+    if streamed:  # features on the host, computed in chunks
+        feats = np.asarray(stream.map_chunks(lambda xc: trunk(frozen, xc), train_x,
+                                             chunk=EVAL_CHUNK,
+                                             sharding=stream.rows_sharding(mesh)))
+        train_inputs, y = (feats if augment == "none" else train_x), np.asarray(train_y)
+    else:
+        x = parallel.put_replicated(jnp.asarray(train_x), mesh)
+        y = parallel.put_replicated(jnp.asarray(train_y), mesh)
+        feats = trunk(frozen, x)  # eval mode, (N, ...): cached once
+        train_inputs = feats if augment == "none" else x
 
-    heads0 = init_heads(model, x[:2], seeds, reinit_blocks)
+    heads0 = init_heads(model, jnp.asarray(train_x[:2]), seeds, reinit_blocks)
     tx = steps.hp_optimizer(hp_cfg)
     nb = steps.num_batches(n, hp_cfg.batch_size)
     hp_keys = jnp.stack([seed_key(s, HP_DATA) for s in seeds])
@@ -95,11 +105,11 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
     def evaluate(params, stats, fr, eta):
         full = steps.variables(merge(fr[0], params), merge(fr[1], stats))
         logits, _ = steps.predict(model, full, feats, method=model.top, split=split)
-        loss = task.loss(logits, y, eta)
-        return {"acc": task.metric(logits, y), "loss": loss,
-                "p_true": task.p_true(logits, y), "aie": task.energy(logits, y)}
+        return _scores(task, logits, y, eta)
 
     eval_fn = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None)))
+    if streamed:
+        eval_fn = _stream_eval(model, split, feats, y, mesh)
     taus = list(hp_cfg.taus)
     snapshots: dict[tuple[str, int], tuple[Tree, Tree]] = {}
     records: list[dict] = []
@@ -116,6 +126,10 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
 
     run = jax.jit(jax.vmap(epochs, in_axes=(0, None, None, 0, None, None, None, None)),
                   donate_argnums=0)
+    if streamed:
+        run = _stream_run(step, train_inputs, y, batch_size=hp_cfg.batch_size, nb=nb,
+                          sharding=stream.batch_sharding(mesh, runs=True),
+                          prefetch=input["prefetch"])
     for variant, eta in variants.items():
         eta_arr = jnp.float32(eta)
         # Fresh buffers per variant: ``run`` donates the state, and the vmap
@@ -146,3 +160,48 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
         pb.update(taus[-1] - done)
     pb.close()
     return Probe(split, jax.device_get(fparams), jax.device_get(fstats), snapshots, records)
+
+
+EVAL_CHUNK = 512  # rows per chunk of the streamed trunk and evaluation (steps.predict's)
+
+
+def _scores(task, logits, y, eta) -> dict:
+    loss = task.loss(logits, y, eta)
+    return {"acc": task.metric(logits, y), "loss": loss,
+            "p_true": task.p_true(logits, y), "aie": task.energy(logits, y)}
+
+
+def _stream_eval(model, split: int, feats: np.ndarray, y: np.ndarray, mesh):
+    """``eval_fn(params, stats, frozen, eta)`` of :func:`probe` on host
+    features: logits (S, N, ...) in chunks, then the same scores."""
+    task = tasks.of(model)
+
+    def logits(params, stats, fr, hc):
+        full = steps.variables(merge(fr[0], params), merge(fr[1], stats))
+        return steps.predict(model, full, hc, method=model.top, split=split)[0]
+
+    lg = jax.jit(jax.vmap(logits, in_axes=(0, 0, None, None)))
+    sc = jax.jit(jax.vmap(lambda l, yy, eta: _scores(task, l, yy, eta), in_axes=(0, None, None)))
+    yd = parallel.put_replicated(np.asarray(y), mesh)
+
+    def eval_fn(params, stats, fr, eta):
+        out = stream.map_chunks(lambda hc: lg(params, stats, fr, hc), feats, chunk=EVAL_CHUNK,
+                                sharding=stream.rows_sharding(mesh), axis=1)
+        return sc(out, yd, eta)
+
+    return eval_fn
+
+
+def _stream_run(step, xs, ys, *, batch_size: int, nb: int, sharding, prefetch: int):
+    """``run(state, _, _, keys, start, stop, frozen, eta)`` of :func:`probe`
+    with streamed batches of the host arrays ``xs, ys``: HP epochs
+    [start, stop) of every seed."""
+    one = jax.jit(jax.vmap(stream.keyed_step(step), in_axes=(0, 0, 0, 0, None, None, None, None)),
+                  donate_argnums=0)
+
+    def run(state, _x, _y, keys, start, stop, fr, eta):
+        return stream.run_range(one, state, (xs, ys), keys, start * nb, stop * nb,
+                                batch_size=batch_size, num_examples=xs.shape[0],
+                                sharding=sharding, consts=(fr, eta), prefetch=prefetch)
+
+    return run

@@ -42,6 +42,8 @@ def _sweep(args: argparse.Namespace) -> None:
     if explicit or multihost.cluster_detected():
         multihost.initialize(args.coordinator, args.num_processes, args.process_id,
                              timeout_s=args.init_timeout)
+        multihost.check_layout(jax.device_count(), jax.process_count(),
+                               jax.local_device_count())
     mesh = parallel.parse_mesh(args.mesh)  # a bad mesh fails before anything is written
     if jax.process_count() > 1:
         run = multihost.run_sweep(cfg, progress=not args.quiet, mesh=mesh)
@@ -72,7 +74,8 @@ def _pretrain(args: argparse.Namespace) -> None:
     _, meta = pretrain.get_or_train(cfg.data, cfg.model, cfg.pretrain, cfg.runs_dir,
                                     progress=not args.quiet)
     path = pretrain.pretrained_dir(cfg.runs_dir, cfg.data, cfg.model, cfg.pretrain)
-    print(json.dumps({"path": os.path.abspath(path), **meta.get("metrics", {})}, indent=2))
+    print(json.dumps({"path": os.path.abspath(path), **meta.get("metrics", {}),
+                      "input": meta.get("input")}, indent=2))
 
 
 def _report_arguments(p: argparse.ArgumentParser) -> None:

@@ -100,6 +100,16 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                                process_id=process_id, initialization_timeout=timeout_s)
 
 
+def check_layout(num_devices: int, num_processes: int, local_devices: int) -> None:
+    """Every process must bring the same number of devices (meshes are laid
+    out process by process); ``ValueError`` in one line otherwise."""
+    if num_devices % num_processes or num_devices != num_processes * local_devices:
+        raise ValueError(
+            f"{num_processes} processes do not divide the {num_devices} devices evenly (this "
+            f"process has {local_devices}); start every process with the same number of "
+            "devices")
+
+
 def barrier(name: str, timeout_s: float = 7 * 24 * 3600) -> None:
     """Wait until every process reaches ``barrier(name)``.
 

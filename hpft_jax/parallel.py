@@ -56,7 +56,37 @@ def put_replicated(tree, mesh: Mesh | None):
     """Place a pytree of host arrays on every device of ``mesh``."""
     if mesh is None:
         return jax.device_put(tree)
-    return jax.device_put(tree, replicated(mesh))
+    return put(tree, replicated(mesh))
+
+
+def put(tree, sharding: NamedSharding):
+    """``jax.device_put(tree, sharding)``; on a mesh spanning several
+    processes (every process passing the same values), each process places
+    only the block its devices hold (``jax.make_array_from_process_local_data``)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def one(a):
+        if jax.dtypes.issubdtype(getattr(a, "dtype", None), jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(a)),
+                                            impl=jax.random.key_impl(a))
+        a = np.asarray(a)
+        return jax.make_array_from_process_local_data(
+            sharding, a[local_block(sharding, a.shape)], a.shape)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def local_block(sharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The block of a global array of ``shape`` that this process's devices
+    hold under ``sharding`` (one slice per axis; a process's devices hold a
+    contiguous block on a mesh laid out process by process)."""
+    idx = list(sharding.addressable_devices_indices_map(tuple(shape)).values())
+    out = []
+    for ax, n in enumerate(shape):
+        spans = [i[ax].indices(n) if ax < len(i) else (0, n, 1) for i in idx]
+        out.append(slice(min(sp[0] for sp in spans), max(sp[1] for sp in spans)))
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------
@@ -114,7 +144,7 @@ def put_runs(tree, mesh: Mesh | None):
     replicated."""
     if runs_size(mesh) == 1:
         return put_replicated(tree, mesh)
-    return jax.device_put(tree, NamedSharding(mesh, P(RUNS)))
+    return put(tree, NamedSharding(mesh, P(RUNS)))
 
 
 def pad_runs(items: list, mesh: Mesh | None) -> list:

@@ -89,10 +89,12 @@ def split_arrays(ds: data_lib.Dataset) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Loaded:
-    """The downstream data and the (uninitialised) downstream model."""
+    """The downstream data and the (uninitialised) downstream model;
+    ``inputs``: the input path of HP and FT (:func:`input_choices`)."""
 
     ds: data_lib.Dataset
     model: Any  # hpft_jax.models.Classifier
+    inputs: dict = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -126,7 +128,34 @@ def load(cfg: config_lib.SweepConfig) -> Loaded:
                          f"backbone has only {blocks} blocks")
     if cfg.pretrain.init_from is not None:
         check_init_from(cfg)
-    return Loaded(ds, model)
+    return Loaded(ds, model, input_choices(cfg, ds))
+
+
+def input_choices(cfg: config_lib.SweepConfig, ds: data_lib.Dataset) -> dict:
+    """``{"hp": ..., "ft": ...}``: :func:`hpft_jax.stream.decide` for each
+    stage from the bytes it would put on every device (HP: the training
+    split; FT: every split) and its batch (seeds or runs x batch size)."""
+    from hpft_jax import stream
+
+    train = (ds.train.x, ds.train.y)
+    every = train + (ds.val.x, ds.val.y, ds.test.x, ds.test.y)
+    ex = stream.example_bytes(*train)
+    runs = 1 if not cfg.vmap else (cfg.max_batch_runs or len(plan(cfg)))
+    runs = min(runs, len(plan(cfg)))
+    return {
+        "hp": stream.decide(cfg.data.input, cfg.data.data_budget, stream.nbytes(*train),
+                            len(cfg.seeds) * cfg.hp.batch_size * ex, what="HP"),
+        "ft": stream.decide(cfg.data.input, cfg.data.data_budget, stream.nbytes(*every),
+                            max(runs, 1) * cfg.ft.batch_size * ex, what="FT"),
+    }
+
+
+def log_inputs(run: RunDir, inputs: dict) -> None:
+    """One ``input`` record per stage (the path taken and why), once per run."""
+    logged = {r.get("stage") for r in run.records("input")}
+    for stage, choice in inputs.items():
+        if stage not in logged:
+            run.log("input", stage=stage, **choice)
 
 
 def _arch(model_cfg: dict) -> tuple:
@@ -222,16 +251,18 @@ def _snapshot_tree(probe: hp.Probe) -> dict:
 
 
 def load_or_probe(cfg: config_lib.SweepConfig, run: RunDir, model, base: dict,
-                  ds: data_lib.Dataset, *, mesh, progress: bool) -> hp.Probe:
+                  ds: data_lib.Dataset, *, mesh, progress: bool,
+                  inputs: dict | None = None) -> hp.Probe:
     """HP snapshots of every variant and τ, from the run's checkpoint when it
     exists (then HP is not rerun); HP records are logged once."""
     path = run.checkpoints("hp")
     # Concurrent shards: one probes and logs, the others wait and read the snapshots.
     with locks.stage(path, "head probing", progress=progress):
-        return _load_or_probe(cfg, run, model, base, ds, path, mesh=mesh, progress=progress)
+        return _load_or_probe(cfg, run, model, base, ds, path, mesh=mesh, progress=progress,
+                              inputs=inputs or {})
 
 
-def _load_or_probe(cfg, run, model, base, ds, path, *, mesh, progress) -> hp.Probe:
+def _load_or_probe(cfg, run, model, base, ds, path, *, mesh, progress, inputs) -> hp.Probe:
     _, _, fparams, fstats, split = hp.split_head(model, base, cfg.model.reinit_blocks)
     if checkpoint.exists(path):
         tree, meta = checkpoint.load_tree(path)
@@ -245,7 +276,7 @@ def _load_or_probe(cfg, run, model, base, ds, path, *, mesh, progress) -> hp.Pro
         probe = hp.probe(model, base, ds.train.x, ds.train.y, cfg.hp, seeds=list(cfg.seeds),
                          variants=variants(cfg), reinit_blocks=cfg.model.reinit_blocks,
                          num_classes=ds.num_classes, augment=cfg.data.augment, mesh=mesh,
-                         progress=progress)
+                         progress=progress, input=inputs.get("hp"))
         checkpoint.save_tree(path, drop_empty(_snapshot_tree(probe)), {"records": probe.records})
     logged = {(r["variant"], r["seed"], r["tau"]) for r in run.records("hp")}
     for rec in probe.records:
@@ -309,7 +340,8 @@ def prepare(cfg: config_lib.SweepConfig, run: RunDir, *, loaded: Loaded | None =
     pre_vars = pretrained_for(cfg, run, mesh=parallel.flat(mesh), progress=progress)
     base, _ = base_variables(loaded.model, pre_vars, cfg.model.reinit_blocks,
                              loaded.x_example())
+    log_inputs(run, loaded.inputs)
     probe = (load_or_probe(cfg, run, loaded.model, base, loaded.ds, mesh=parallel.flat(mesh),
-                           progress=progress)
+                           progress=progress, inputs=loaded.inputs)
              if with_hp else None)
     return Prepared(cfg, loaded, mesh, base, probe)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpft_jax import checkpoint, config as config_lib, data as data_lib, errors, locks, parallel
-from hpft_jax import steps, tasks
+from hpft_jax import steps, stream, tasks
 from hpft_jax.models import make_classifier
 from hpft_jax.progress import bar
 
@@ -67,12 +67,25 @@ def pretrained_dir(runs_dir: str, data, model, pre) -> str:
     return os.path.join(runs_dir, "pretrained", cache_key(data, model, pre))
 
 
-def train(data_cfg, model_cfg, pre_cfg, source, *, mesh=None, progress: bool = True):
+def input_choice(data_cfg, pre_cfg, source) -> dict:
+    """:func:`hpft_jax.stream.decide` for pretraining on ``source``'s
+    training split (``data_cfg.input``, ``data_cfg.data_budget``)."""
+    train = (source.train.x, source.train.y)
+    return stream.decide(data_cfg.input, data_cfg.data_budget, stream.nbytes(*train),
+                         pre_cfg.batch_size * stream.example_bytes(*train), what="pretraining")
+
+
+def train(data_cfg, model_cfg, pre_cfg, source, *, mesh=None, progress: bool = True,
+          input: dict | None = None):
     """Train the source classifier; returns ``(variables, metrics)``.
 
     ``source``: a :class:`hpft_jax.data.Dataset`. Adam (or SGD) with a cosine
-    schedule, cross-entropy, BatchNorm in train mode.
+    schedule, cross-entropy, BatchNorm in train mode. ``input``:
+    :func:`input_choice`; streamed, the splits stay on the host, batches are
+    gathered there (:mod:`hpft_jax.stream`; the same steps as on device) and
+    the final accuracies are computed in chunks.
     """
+    streamed = bool(input) and input["input"] == "stream"
     mesh = parallel.data_mesh() if mesh is None else mesh
     model = make_classifier(source_model_config(model_cfg), source.num_classes, source.task,
                             source.input_norm)
@@ -87,9 +100,15 @@ def train(data_cfg, model_cfg, pre_cfg, source, *, mesh=None, progress: bool = T
     state = steps.init_state(vars_["params"], vars_.get("batch_stats", {}), tx)
     step = steps.make_train_step(model, tx, num_classes=source.num_classes, eta=1.0,
                                  mesh=mesh, augment=data_cfg.augment)
-    epoch_fn = jax.jit(steps.make_epoch(step, batch_size=pre_cfg.batch_size, num_examples=n),
-                       donate_argnums=0)
-    xs, ys = parallel.put_replicated((jnp.asarray(source.train.x), jnp.asarray(source.train.y)), mesh)
+    if streamed:
+        epoch_fn = _stream_epoch(step, source.train.x, source.train.y, pre_cfg.batch_size,
+                                 mesh, input["prefetch"])
+        xs, ys = None, None
+    else:
+        epoch_fn = jax.jit(steps.make_epoch(step, batch_size=pre_cfg.batch_size, num_examples=n),
+                           donate_argnums=0)
+        xs, ys = parallel.put_replicated((jnp.asarray(source.train.x),
+                                          jnp.asarray(source.train.y)), mesh)
     state = parallel.put_replicated(state, mesh)
     pb = bar(pre_cfg.epochs, f"pretrain {data_cfg.source}", enabled=progress)
     for e in range(pre_cfg.epochs):
@@ -104,7 +123,9 @@ def train(data_cfg, model_cfg, pre_cfg, source, *, mesh=None, progress: bool = T
     metrics = {}
     for name, split in (("train", source.train), ("val", source.val), ("test", source.test)):
         if split.x.shape[0]:
-            logits = evaluate(out, jnp.asarray(split.x))
+            logits = (stream.map_chunks(lambda xc: evaluate(out, xc), split.x, chunk=512,
+                                        sharding=stream.rows_sharding(mesh))
+                      if streamed else evaluate(out, jnp.asarray(split.x)))
             metrics[f"{name}_acc"] = float(tasks.of(model).metric(logits, jnp.asarray(split.y)))
     return jax.device_get(out), metrics
 
@@ -125,9 +146,10 @@ def get_or_train(data_cfg, model_cfg, pre_cfg, runs_dir: str, *, mesh=None,
         else:
             checkpoint.remove_stale(path)
             source = data_lib.load_source(data_cfg)
+            choice = input_choice(data_cfg, pre_cfg, source)
             tree, metrics = train(data_cfg, model_cfg, pre_cfg, source, mesh=mesh,
-                                  progress=progress)
-            meta = {"data": config_lib.to_dict(data_cfg),
+                                  progress=progress, input=choice)
+            meta = {"data": config_lib.to_dict(data_cfg), "input": choice,
                     "model": config_lib.to_dict(source_model_config(model_cfg)),
                     "pretrain": config_lib.to_dict(pre_cfg),
                     "num_classes": int(source.num_classes), "metrics": metrics}
@@ -137,3 +159,21 @@ def get_or_train(data_cfg, model_cfg, pre_cfg, runs_dir: str, *, mesh=None,
         if log is not None:
             log("pretrain", path=path, reused=reused, **meta.get("metrics", {}))
     return tree, meta
+
+
+def _stream_epoch(step, x, y, batch_size: int, mesh, prefetch: int):
+    """``epoch(state, _, _, key, e) -> (state, per-step metrics)``: what
+    :func:`hpft_jax.steps.make_epoch` computes, with streamed batches."""
+    one = jax.jit(stream.keyed_step(step), donate_argnums=0)
+    sharding = stream.batch_sharding(mesh, runs=False)
+    nb = steps.num_batches(x.shape[0], batch_size)
+
+    def epoch(state, _x, _y, key, e):
+        per_step = []
+        state = stream.run_range(one, state, (x, y), key, e * nb, (e + 1) * nb,
+                                 batch_size=batch_size, num_examples=x.shape[0],
+                                 sharding=sharding, prefetch=prefetch,
+                                 on_step=lambda s, m: per_step.append(m))
+        return state, jax.tree_util.tree_map(lambda *v: jnp.stack(v), *per_step)
+
+    return epoch

@@ -92,7 +92,10 @@ class RunDir:
         rec = {"event": event, **_plain(fields)}
         os.makedirs(self.path, exist_ok=True)
         with open(self.metrics_file, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            # A writer killed mid-line left a torn last line: start a new
+            # line, or this record would be glued to it and lost as well.
+            torn = f.tell() > 0 and not _ends_with_newline(self.metrics_file)
+            f.write(("\n" if torn else "") + json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
         return rec
@@ -111,3 +114,9 @@ class RunDir:
                         continue  # a write cut off by a kill
                     if event is None or rec.get("event") == event:
                         yield rec
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"

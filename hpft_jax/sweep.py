@@ -96,7 +96,8 @@ def finetune_group(prep: prep_lib.Prepared, run: RunDir, group: list[RunKey], *,
         mesh=prep.mesh, ckpt_dir=run.checkpoints("ft", group_id(group)),
         names=[k.label for k in group], progress=progress,
         stop_after_epochs=stop_after_epochs, ckpt_every_s=ckpt_every_s,
-        project=PROJECT_INPUTS if any(projected(k, cfg) for k in group) else 0)
+        project=PROJECT_INPUTS if any(projected(k, cfg) for k in group) else 0,
+        input=prep.loaded.inputs.get("ft"))
     for k, res in zip(group, results):
         if not projected(k, cfg):
             res.pop("projection", None)

@@ -128,3 +128,17 @@ def test_report_notes_missing_shards(tmp_path, capsys):
     run.log("hp", variant="hp", seed=0, tau=0, hp_train_acc=0.5, aie_hp=0.1)
     from hpft_jax import jobarray
     assert [tuple(k) for k in jobarray.missing(run)] == [("hp", 0, 0), ("hp", 0, 1)]
+
+
+def test_a_record_torn_by_a_kill_is_skipped_and_the_next_record_is_kept(tmp_path):
+    """A shard killed while appending to metrics.jsonl leaves a torn last
+    line: it is never read, and the record the next run appends (the redone
+    FT run) is not glued to it."""
+    run = RunDir(str(tmp_path / "r"))
+    run.log("ft", tau=0, seed=0)
+    with open(run.metrics_file, "a") as f:
+        f.write('{"event": "ft", "tau": 1, "se')  # killed mid-write
+    assert [r["tau"] for r in run.records("ft")] == [0]  # tau 1 is not done: it is redone
+    run.log("ft", tau=1, seed=0)
+    run.log("ft", tau=2, seed=0)
+    assert [r["tau"] for r in run.records("ft")] == [0, 1, 2]
