@@ -32,6 +32,10 @@ from hpft_jax.progress import bar
 from hpft_jax.rng import FT_DATA, seed_key
 
 PROJECTION_STREAM = 11  # rng stream of the projected inputs
+# Feature maps (segmentation): the per-location adaptation metrics use the
+# first this many inputs of the adaptation set (z_0's maps are kept for them:
+# DENSE_INPUTS·h·w·C floats per run).
+DENSE_INPUTS = 64
 
 Tree = Any
 
@@ -182,18 +186,28 @@ def _features_program(model):
     ``(params, stats, x, y[, z0]) -> {z, aie, p_true, acc[, adapt]}``."""
 
     task = tasks.of(model)
+    dense = hasattr(model, "with_map")  # segmentation: z is the pooled feature map
 
-    def one(p, s, x, y, z0=None):
-        logits, z = steps.predict(model, steps.variables(p, s), x)
+    def one(p, s, x, y, z0=None, f0=None):
+        if dense:
+            logits, z, f = steps.predict(model, steps.variables(p, s), x, method=model.with_map)
+            f = f[:DENSE_INPUTS]
+        else:
+            logits, z = steps.predict(model, steps.variables(p, s), x)
         out = {"z": z, "aie": task.energy(logits, y), "p_true": task.p_true(logits, y),
                "acc": task.metric(logits, y)}
+        if dense:
+            out["zmap"] = f
         if z0 is not None:
             out["adapt"] = energy.adaptation(z0, z)
+            if dense:
+                out["adapt_dense"] = energy.adaptation_dense(f0, f)
         return out
 
     start = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
-    end = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, 0)))
-    return lambda p, s, x, y, z0=None: start(p, s, x, y) if z0 is None else end(p, s, x, y, z0)
+    end = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, 0, 0 if dense else None)))
+    return lambda p, s, x, y, z0=None, f0=None: (start(p, s, x, y) if z0 is None
+                                                 else end(p, s, x, y, z0, f0))
 
 
 def projection_indices(n: int, k: int) -> np.ndarray:
@@ -286,7 +300,9 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     # Energy and z_0 at the start of FT, eval mode, unaugmented inputs.
     ax, ay = parallel.put_replicated((jnp.asarray(adapt_x), jnp.asarray(adapt_y)), mesh)
     feats = _features_program(model)
-    at_start = jax.device_get(feats(full(train0), stats0, ax, ay))
+    at_start = feats(full(train0), stats0, ax, ay)
+    f0 = at_start.pop("zmap", None)  # segmentation: feature maps, kept on device
+    at_start = jax.device_get(at_start)
     z0 = at_start["z"]
 
     fn = _epoch_program(model, ft_cfg, num_classes, n, mesh, augment)
@@ -333,8 +349,9 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
         pb.update()
     pb.close()
 
-    end = jax.device_get(feats(full(carry.best_params), carry.best_stats, ax, ay, z0))
-    last = jax.device_get(feats(full(carry.state.params), carry.state.batch_stats, ax, ay, z0))
+    end = jax.device_get(feats(full(carry.best_params), carry.best_stats, ax, ay, z0, f0))
+    last = jax.device_get(feats(full(carry.state.params), carry.state.batch_stats, ax, ay, z0,
+                                f0))
     adapt, train_acc_t = end["adapt"], end["acc"]
     proj_idx = projection_indices(len(adapt_y), project) if project else None
     best_epoch = np.asarray(carry.best_epoch)
@@ -354,6 +371,9 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
             "p0y_hist": energy.histogram(at_start["p_true"][r]),
             "adapt": {k: float(v[r]) for k, v in adapt.items()},
             "adapt_last": {k: float(v[r]) for k, v in last["adapt"].items()},
+            **({"adapt_dense": {k: float(v[r]) for k, v in end["adapt_dense"].items()},
+                "adapt_last_dense": {k: float(v[r]) for k, v in last["adapt_dense"].items()}}
+               if "adapt_dense" in end else {}),
             "train_acc_last": float(last["acc"][r]),
             "grad_v_norm": None if dirn is None else dirn[r].tolist(),
             "curves": {k: hist[k][r, :int(hist["active"][r].sum())].tolist()

@@ -48,8 +48,14 @@ def summarize(run: RunDir, *, zt: str = "best") -> dict:
                "val_loss": _mean_std(r.get("val_loss") for r in f),
                "test_acc": _mean_std(r["test_acc"] for r in f),
                "epochs_run": _mean_std(r["epochs_run"] for r in f)}
+        dense = any(f"{field}_dense" in r for r in f)  # segmentation: per location
         for k, _ in ADAPT:
-            row[k] = _mean_std((r.get(field) or {}).get(k, math.nan) for r in f)
+            if dense:  # the per-location metrics lead; the pooled vector's follow
+                row[k] = _mean_std((r.get(f"{field}_dense") or {}).get(k, math.nan) for r in f)
+                row[f"pooled_{k}"] = _mean_std((r.get(field) or {}).get(k, math.nan)
+                                               for r in f)
+            else:
+                row[k] = _mean_std((r.get(field) or {}).get(k, math.nan) for r in f)
         out[key] = row
     return out
 
@@ -97,10 +103,15 @@ def table1(summary: dict, metric: str = "accuracy") -> str:
 
 def sweep_table(summary: dict) -> str:
     """Markdown: every (variant, τ) with energy, accuracies and adaptation."""
-    head = ["variant", "τ", "HP-train-acc", "AIE", "FT val", "FT test"] + [n for _, n in ADAPT]
+    pooled = any("pooled_cos" in row for row in summary.values())
+    names = [n for _, n in ADAPT]
+    head = ["variant", "τ", "HP-train-acc", "AIE", "FT val", "FT test"] + (
+        [f"{n} per location" for n in names] + [f"{n} pooled" for n in names] if pooled
+        else names)
+    keys = [k for k, _ in ADAPT] + ([f"pooled_{k}" for k, _ in ADAPT] if pooled else [])
     return md_table(head, ([v, t, _pct(row["hp_train_acc"]), _num(row["aie"], "{:.3f}"),
                             _pct(row["val_acc"]), _pct(row["test_acc"])]
-                           + [_num(row[k], "{:.4g}") for k, _ in ADAPT]
+                           + [_num(row.get(k, (math.nan, 0)), "{:.4g}") for k in keys]
                            for (v, t), row in summary.items()))
 
 
@@ -325,7 +336,10 @@ def _metric_note(path: str) -> list[str]:
         return ["Segmentation task: every accuracy-named column below (HP-train-acc, FT val, "
                 "FT test) is mIoU × 100 (confusion matrix over the whole split; classes "
                 "absent from both labels and predictions left out). FT test = VOC's "
-                "val.txt; FT val = a part of train.txt held out for early stopping."]
+                "val.txt; FT val = a part of train.txt held out for early stopping. "
+                "Adaptation metrics (table and figure): per location of the backbone's "
+                "feature map, averaged over locations and the first 64 training inputs "
+                "(`adapt_dense`); the pooled vector's (`adapt`) follow in the table."]
     if down.startswith("ogb:"):
         return ["Multi-label graph task: every accuracy column below (HP-train-acc, FT val, "
                 "FT test) is ROC-AUC × 100, averaged over the tasks with both classes "

@@ -51,7 +51,8 @@ def test_segmentation_sweep_end_to_end(setup, tmp_path, capsys):
     assert [r["tau"] for r in ft] == [0, 2]
     for r in ft:
         assert 0 <= r["test_acc"] <= 1 and 0 <= r["val_acc"] <= 1  # mIoU
-        assert set(r["adapt"]) >= {"dist_sq", "cos"} and np.isfinite(r["adapt"]["cos"])
+        for k in ("adapt", "adapt_dense"):  # pooled vector; per location of the map
+            assert set(r[k]) >= {"dist_sq", "cos"} and np.isfinite(r[k]["cos"])
     # HP cached the backbone's feature maps: N·h·w·C·4 bytes, from the config alone
     n = len((root / "down/ImageSets/Segmentation/train.txt").read_text().split())
     n_train = n - int(round(0.2 * n))  # train.txt minus the held-out validation part
@@ -63,6 +64,7 @@ def test_segmentation_sweep_end_to_end(setup, tmp_path, capsys):
     with open(os.path.join(run.path, "report.md")) as f:
         text = f.read()
     assert "test mIoU (%)" in text and "test accuracy" not in text
+    assert "E cos(z_T, z_0) per location" in text and "E cos(z_T, z_0) pooled" in text
     for name in ("aie_vs_tau.png", "adaptation_vs_tau.png", "ft_acc_vs_tau.png",
                  "masks.png"):
         assert os.path.getsize(os.path.join(run.path, "figures", name)) > 1000
