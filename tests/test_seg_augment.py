@@ -101,3 +101,33 @@ def test_bad_masks_rejected():
     x, y = _data()
     with pytest.raises(ValueError, match="masks must have shape"):
         augment.scale_crop_flip(jnp.asarray(x), jnp.asarray(y[:, :, :-1]), jax.random.key(0))
+
+
+def test_train_step_moves_masks_with_images():
+    """The step's loss is the loss on scale_crop_flip(x, y, key) done by hand
+    (a per-pixel linear model, so any mismatch of image and mask shows)."""
+    import flax.linen as nn
+    import optax
+
+    from hpft_jax import steps, tasks
+
+    class PixelModel(nn.Module):
+        task: str = "segmentation"
+
+        @nn.compact
+        def __call__(self, x, *, train=False):
+            return nn.Dense(4)(x), jnp.mean(x, axis=(1, 2))
+
+    x, y = _data(2, n=4)
+    y = np.where(y == 255, 255, y % 4)
+    model = PixelModel()
+    params = model.init(jax.random.key(0), jnp.asarray(x))["params"]
+    tx = optax.sgd(0.0)
+    step = steps.make_train_step(model, tx, num_classes=4, eta=1.0, augment="scale_crop_flip")
+    key = jax.random.key(7)
+    _, m = jax.jit(step)(steps.init_state(params, {}, tx), jnp.asarray(x), jnp.asarray(y), key)
+    ax, ay = augment.scale_crop_flip(jnp.asarray(x), jnp.asarray(y), key)
+    want = tasks.of(model).loss(model.apply({"params": params}, ax)[0], ay, 1.0)
+    np.testing.assert_allclose(float(m["loss"]), float(want), rtol=1e-6)
+    unmoved = tasks.of(model).loss(model.apply({"params": params}, ax)[0], jnp.asarray(y), 1.0)
+    assert abs(float(unmoved) - float(want)) > 1e-4  # masks left alone would differ
