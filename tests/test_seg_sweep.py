@@ -39,7 +39,7 @@ def setup(tmp_path_factory):
     return root
 
 
-@pytest.mark.slow  # ~1 min alone on the 2-core CPU: ResNet-50 programs compile
+@pytest.mark.slow  # ~2 min of CPU (4 min on a loaded 2-core CPU): ResNet-50 programs compile
 def test_segmentation_sweep_end_to_end(setup, tmp_path, capsys):
     root = setup
     argv = ["sweep", *TINY, "--source", f"voc:{root / 'src'}", "--downstream",
