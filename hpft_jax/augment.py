@@ -171,3 +171,92 @@ def resize(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
     if len(hw) != 2 or min(hw) < 1:
         raise ValueError(f"size must be a positive int or (H, W); got {size}")
     return jax.image.resize(x, (x.shape[0], *hw, x.shape[3]), method="bilinear")
+
+
+# --------------------------------------------------------------------------
+# Joint image + mask transforms (segmentation training)
+
+SEG_SCALE = (0.5, 2.0)  # torchvision's VOC reference: RandomResize(0.5·base, 2·base)
+
+
+def sample_scale_crop_flip(key: jax.Array, n: int, hw: tuple[int, int], *,
+                           scale: tuple[float, float] = SEG_SCALE, flip_prob: float = 0.5):
+    """Per-sample draws of :func:`scale_crop_flip_apply`: ``(s, top, left,
+    flip)``, each (n,). s ~ U[scale]; the crop offset is uniform over the
+    positions where the (H, W) window fits inside the scaled image (0 when
+    the scaled side is shorter: the window then starts at the top/left and
+    the rest is padding); flip ~ Bernoulli(flip_prob)."""
+    h, w = hw
+    k_s, k_t, k_l, k_f = jax.random.split(key, 4)
+    s = jax.random.uniform(k_s, (n,), minval=scale[0], maxval=scale[1])
+    sh, sw = _scaled(h, s), _scaled(w, s)
+    top = jnp.floor(jax.random.uniform(k_t, (n,)) * (jnp.maximum(sh - h, 0) + 1))
+    left = jnp.floor(jax.random.uniform(k_l, (n,)) * (jnp.maximum(sw - w, 0) + 1))
+    flip = jax.random.bernoulli(k_f, flip_prob, (n,))
+    return s, top.astype(jnp.int32), left.astype(jnp.int32), flip
+
+
+def _scaled(side: int, s):
+    """The scaled side ``round(side · s)`` (at least 1), int32."""
+    return jnp.maximum(jnp.round(side * s), 1).astype(jnp.int32)
+
+
+def _scale_crop_flip_one(img, mask, s, top, left, flip, ignore):
+    """(H, W, C) float, (H, W) int -> the same shapes; see scale_crop_flip_apply."""
+    h, w, _ = img.shape
+    sh, sw = _scaled(h, s), _scaled(w, s)
+    r = jnp.arange(h) + top  # rows / columns of the scaled image in the window
+    c = jnp.arange(w) + left
+    inside = (r < sh)[:, None] & (c < sw)[None, :]
+    fy, fx = h / sh, w / sw  # scaled -> source pixel size
+    # Image: bilinear, half-pixel centres, clamped at the edges (PIL/torch for upscaling).
+    sr = jnp.clip((r + 0.5) * fy - 0.5, 0, h - 1)
+    sc = jnp.clip((c + 0.5) * fx - 0.5, 0, w - 1)
+    r0, c0 = jnp.floor(sr).astype(jnp.int32), jnp.floor(sc).astype(jnp.int32)
+    r1, c1 = jnp.minimum(r0 + 1, h - 1), jnp.minimum(c0 + 1, w - 1)
+    wr, wc = (sr - r0)[:, None, None], (sc - c0)[None, :, None]
+    g = lambda rr, cc: img[rr[:, None], cc[None, :]]  # noqa: E731
+    out = ((1 - wr) * ((1 - wc) * g(r0, c0) + wc * g(r0, c1))
+           + wr * ((1 - wc) * g(r1, c0) + wc * g(r1, c1)))
+    out = jnp.where(inside[..., None], out, 0).astype(img.dtype)
+    # Mask: nearest neighbour, source = floor((i + 0.5) · in/out) in exact integer
+    # arithmetic (PIL's NEAREST up to its float rounding at exact ties).
+    mr = jnp.minimum((2 * r + 1) * h // (2 * sh), h - 1)
+    mc = jnp.minimum((2 * c + 1) * w // (2 * sw), w - 1)
+    m = jnp.where(inside, mask[mr[:, None], mc[None, :]], ignore).astype(mask.dtype)
+    out = jnp.where(flip, out[:, ::-1], out)
+    m = jnp.where(flip, m[:, ::-1], m)
+    return out, m
+
+
+@functools.partial(jax.jit, static_argnames=("ignore",))
+def scale_crop_flip_apply(x, y, s, top, left, flip, *, ignore: int = 255):
+    """Scale, crop and flip images and masks with the same per-sample draws.
+
+    x: (N, H, W, C) float; y: (N, H, W) int labels; s (N,) scale factors;
+    top, left (N,) int offsets of the (H, W) window in the scaled image
+    (round(H s) × round(W s)); flip (N,) bool, left-right after the crop.
+    The image is resampled bilinearly (half-pixel centres), the mask by
+    nearest neighbour, so the mask holds only labels it held before; where
+    the window leaves the scaled image the image is 0 and the mask
+    ``ignore`` (torchvision's reference pads with 0 and 255). Returns
+    (x', y') of the input shapes.
+    """
+    _check_images(x, floating=True)
+    if y.shape != x.shape[:3]:
+        raise ValueError(f"masks must have shape {x.shape[:3]}; got {y.shape}")
+    return jax.vmap(_scale_crop_flip_one, in_axes=(0, 0, 0, 0, 0, 0, None))(
+        x, y, s, top, left, flip, ignore)
+
+
+def scale_crop_flip(x, y, key, *, scale: tuple[float, float] = SEG_SCALE,
+                    flip_prob: float = 0.5, ignore: int = 255):
+    """Random joint scale (U[scale]), (H, W) crop and horizontal flip of
+    images x (N, H, W, C) and masks y (N, H, W); the segmentation train
+    augmentation (``--augment scale_crop_flip``). Draws:
+    :func:`sample_scale_crop_flip`; transform: :func:`scale_crop_flip_apply`."""
+    if not 0 < scale[0] <= scale[1]:
+        raise ValueError(f"scale must be (lo, hi) with 0 < lo <= hi; got {scale}")
+    draws = sample_scale_crop_flip(key, x.shape[0], x.shape[1:3], scale=scale,
+                                   flip_prob=flip_prob)
+    return scale_crop_flip_apply(x, y, *draws, ignore=ignore)

@@ -37,7 +37,7 @@ def default_taus(max_exp: int = 10) -> tuple[int, ...]:
     return (0,) + tuple(2**k for k in range(max_exp + 1))
 
 
-AUGMENTS = ("none", "flip_crop", "rrc_flip")
+AUGMENTS = ("none", "flip_crop", "rrc_flip", "scale_crop_flip")  # the last: segmentation
 INPUTS = ("auto", "device", "stream")  # hpft_jax/stream.py
 TOY_DOWNSTREAM = ("digits", "mnist", "idx")  # data whose downstream is distorted by default
 
@@ -65,7 +65,7 @@ class DataConfig:
     test_fraction: float = 0.2
     per_class: int | None = None  # cap on downstream samples per class
     image_size: int | None = None  # resize to this square size
-    augment: str = "none"  # none | flip_crop | rrc_flip (random, per step)
+    augment: str = "none"  # none | flip_crop | rrc_flip | scale_crop_flip (random, per step)
     # Input pipeline: "dataset" (squash to image_size, standardise with the
     # data set's own statistics) or "imagenet" (ImageNet mean/std, eval
     # resize of the shorter side to image_size*256/224 + centre crop; see
@@ -180,6 +180,7 @@ class HPConfig:
     lr: float = 1e-3
     batch_size: int = 128
     eta: float = 1.0
+    momentum: float = 0.0  # 0: plain SGD (the library's HP); App. B.3 uses 0.9
 
     def __post_init__(self):
         taus = tuple(self.taus)
@@ -191,6 +192,8 @@ class HPConfig:
             raise ValueError(f"taus must be strictly increasing; got {taus}")
         _check_eta("hp.eta", self.eta)
         _check_positive("hp.lr", self.lr)
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"hp.momentum must lie in [0, 1); got {self.momentum}")
         _check_positive("hp.batch_size", self.batch_size)
 
 

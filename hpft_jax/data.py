@@ -784,9 +784,9 @@ VOC_SIZE = 480  # crop side for ``voc:`` when --image-size is not given (torchvi
 
 def load_voc(spec: DataSpec, cfg: DataConfig) -> Dataset:
     """A ``voc:DIR`` data set: train.txt minus a seeded val part, test = val.txt."""
-    if cfg.augment != "none":
+    if cfg.augment not in ("none", "scale_crop_flip"):
         raise ValueError(f"data spec {str(spec)!r}: augmentation {cfg.augment!r} moves images "
-                         "but not masks; segmentation takes --augment none")
+                         "but not masks; segmentation takes --augment none or scale_crop_flip")
     size = cfg.image_size or VOC_SIZE
     if size % 16:
         raise ValueError(f"data spec {str(spec)!r}: image size {size} must be a multiple of 16 "
@@ -804,6 +804,13 @@ def load_voc(spec: DataSpec, cfg: DataConfig) -> Dataset:
                    mean=voc.IMAGENET_MEAN, std=voc.IMAGENET_STD, task="segmentation")
 
 
+def _check_image_augment(spec: DataSpec, cfg: DataConfig) -> None:
+    if cfg.augment == "scale_crop_flip":
+        raise ValueError(f"data spec {str(spec)!r}: augmentation 'scale_crop_flip' moves "
+                         "segmentation masks with their images (voc: data); classification "
+                         "takes none, flip_crop or rrc_flip")
+
+
 def load_source(cfg: DataConfig) -> Dataset:
     """Pretraining data ``cfg.source``: undistorted, all its classes.
 
@@ -815,6 +822,7 @@ def load_source(cfg: DataConfig) -> Dataset:
         return load_graphs(spec, cfg)
     if spec.kind == "voc":
         return load_voc(spec, cfg)
+    _check_image_augment(spec, cfg)
     base = _load_base(spec, cfg)
     exclude = None
     if spec.same_base(down):
@@ -834,6 +842,7 @@ def load_downstream(cfg: DataConfig) -> Dataset:
         return load_graphs(spec, cfg)  # no distortion: it is for images
     if spec.kind == "voc":
         return load_voc(spec, cfg)  # no distortion: it would move masks too
+    _check_image_augment(spec, cfg)
     base = _load_base(spec, cfg)
     plan = _downstream_plan(base, spec, cfg)
     return _assemble(spec, cfg.downstream, base, plan, distort=cfg.distorts(), cfg=cfg)

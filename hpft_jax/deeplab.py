@@ -110,6 +110,12 @@ class Segmenter(Classifier):
         """The backbone's feature map (N, h, w, C)."""
         return self.backbone(x, train=train)
 
+    def with_map(self, x, *, train: bool = False):
+        """``(logits, z, f)``: the model's outputs and the feature map f (N, h,
+        w, C) they come from (z = f's mean over locations); one forward pass."""
+        f = self.backbone(x, train=train)
+        return self.head(f, train=train), jnp.mean(f, axis=(1, 2)), f
+
 
 def output_stride(backbone: ResNet) -> int:
     """Input side / feature-map side of a (dilated) ResNet."""

@@ -74,3 +74,14 @@ def adaptation(z0: jax.Array, zt: jax.Array, eps: float = 1e-12) -> dict[str, ja
         "cos": jnp.mean(dot / jnp.maximum(n0 * nt, eps)),
         "dist": jnp.mean(jnp.sqrt(d2)),
     }
+
+
+def adaptation_dense(f0: jax.Array, ft: jax.Array) -> dict[str, jax.Array]:
+    """:func:`adaptation` per location of feature maps f0, ft (N, h, w, C):
+    every (input, location) pair is one C-vector z, and the metrics are
+    averaged over inputs and locations, e.g. ``dist_sq`` = mean over n, i, j
+    of ||f_T[n, i, j] − f_0[n, i, j]||²."""
+    if f0.shape != ft.shape or f0.ndim != 4:
+        raise ValueError(f"f0 and ft must both be (N, h, w, C); got {f0.shape} and {ft.shape}")
+    c = f0.shape[-1]
+    return adaptation(f0.reshape(-1, c), ft.reshape(-1, c))

@@ -137,7 +137,8 @@ FLAGS: dict[str, tuple[str | None, str, Callable[[str], Any], str]] = {
     "--per-class": ("data", "per_class", int, "cap downstream examples per class"),
     "--image-size": ("data", "image_size", int, "resize images to this size"),
     "--augment": ("data", "augment", str, "none | flip_crop | rrc_flip (random-resized-crop "
-                  "+ flip, the ImageNet train augmentation)"),
+                  "+ flip, the ImageNet train augmentation) | scale_crop_flip (segmentation: "
+                  "image and mask scaled, cropped, flipped together)"),
     "--distort": ("data", "distort", on_off_auto,
                   "downstream rotation/zoom: on | off | auto (auto: on for digits, mnist, idx:)"),
     "--pipeline": ("data", "pipeline", str,
@@ -172,6 +173,7 @@ FLAGS: dict[str, tuple[str | None, str, Callable[[str], Any], str]] = {
                     "cache entry) instead of pretraining"),
     "--tau": ("hp", "taus", ints, "HP epochs to snapshot, e.g. 0,1,2,4,8 (also --taus)"),
     "--hp-lr": ("hp", "lr", float, "HP learning rate (constant SGD)"),
+    "--hp-momentum": ("hp", "momentum", float, "HP SGD momentum (0: plain SGD)"),
     "--eta-hp": ("hp", "eta", float, "HP label smoothing: target η·e_y + (1−η)·u"),
     "--ft-epochs": ("ft", "epochs", int, "maximum FT epochs"),
     "--ft-lr": ("ft", "lr", float, "FT (peak) learning rate"),

@@ -33,6 +33,10 @@ from hpft_jax.progress import bar
 from hpft_jax.rng import FT_DATA, seed_key
 
 PROJECTION_STREAM = 11  # rng stream of the projected inputs
+# Feature maps (segmentation): the per-location adaptation metrics use the
+# first this many inputs of the adaptation set (z_0's maps are kept for them:
+# DENSE_INPUTS·h·w·C floats per run).
+DENSE_INPUTS = 64
 
 Tree = Any
 
@@ -275,14 +279,25 @@ def _features_program(model):
     ``(params, stats, x, y[, z0]) -> {z, aie, p_true, acc[, adapt]}``."""
 
     task = tasks.of(model)
+    dense = hasattr(model, "with_map")  # segmentation: z is the pooled feature map
 
-    def one(p, s, x, y, z0=None):
-        logits, z = steps.predict(model, steps.variables(p, s), x)
-        return _feature_scores(task, logits, z, y, z0)
+    def one(p, s, x, y, z0=None, f0=None):
+        if dense:
+            logits, z, f = steps.predict(model, steps.variables(p, s), x, method=model.with_map)
+            f = f[:DENSE_INPUTS]
+        else:
+            logits, z = steps.predict(model, steps.variables(p, s), x)
+        out = _feature_scores(task, logits, z, y, z0)
+        if dense:
+            out["zmap"] = f
+            if z0 is not None:
+                out["adapt_dense"] = energy.adaptation_dense(f0, f)
+        return out
 
     start = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
-    end = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, 0)))
-    return lambda p, s, x, y, z0=None: start(p, s, x, y) if z0 is None else end(p, s, x, y, z0)
+    end = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, 0, 0 if dense else None)))
+    return lambda p, s, x, y, z0=None, f0=None: (start(p, s, x, y) if z0 is None
+                                                 else end(p, s, x, y, z0, f0))
 
 
 def _feature_scores(task, logits, z, y, z0=None) -> dict:
@@ -305,7 +320,8 @@ def _stream_features_program(model, chunk: int, mesh):
     end = jax.jit(jax.vmap(lambda lg, z, y, z0: _feature_scores(task, lg, z, y, z0),
                            in_axes=(0, 0, None, 0)))
 
-    def run(p, s, x, y, z0=None):
+    def run(p, s, x, y, z0=None, f0=None):
+        del f0  # per-location maps are not kept on the streamed path
         logits, z = stream.map_chunks(lambda xc: fwd(p, s, xc), x, chunk=chunk,
                                       sharding=stream.rows_sharding(mesh), axis=1)
         y = parallel.put_replicated(np.asarray(y), mesh)
@@ -413,13 +429,15 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     full = (lambda p: merge(frozen, p)) if frozen else (lambda p: p)  # noqa: E731
 
     # Energy and z_0 at the start of FT, eval mode, unaugmented inputs.
-    if streamed:
+    if streamed:  # no per-location maps (adapt_dense) on the streamed path
         ax, ay = adapt_x, adapt_y
         feats = _stream_features_program(model, EVAL_CHUNK, mesh)
     else:
         ax, ay = parallel.put_replicated((jnp.asarray(adapt_x), jnp.asarray(adapt_y)), mesh)
         feats = _features_program(model)
-    at_start = jax.device_get(feats(full(train0), stats0, ax, ay))
+    at_start = feats(full(train0), stats0, ax, ay)
+    f0 = at_start.pop("zmap", None)  # segmentation: feature maps, kept on device
+    at_start = jax.device_get(at_start)
     z0 = at_start["z"]
 
     if streamed:
@@ -472,8 +490,9 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
         pb.update()
     pb.close()
 
-    end = jax.device_get(feats(full(carry.best_params), carry.best_stats, ax, ay, z0))
-    last = jax.device_get(feats(full(carry.state.params), carry.state.batch_stats, ax, ay, z0))
+    end = jax.device_get(feats(full(carry.best_params), carry.best_stats, ax, ay, z0, f0))
+    last = jax.device_get(feats(full(carry.state.params), carry.state.batch_stats, ax, ay, z0,
+                                f0))
     adapt, train_acc_t = end["adapt"], end["acc"]
     proj_idx = projection_indices(len(adapt_y), project) if project else None
     best_epoch = np.asarray(carry.best_epoch)
@@ -493,6 +512,9 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
             "p0y_hist": energy.histogram(at_start["p_true"][r]),
             "adapt": {k: float(v[r]) for k, v in adapt.items()},
             "adapt_last": {k: float(v[r]) for k, v in last["adapt"].items()},
+            **({"adapt_dense": {k: float(v[r]) for k, v in end["adapt_dense"].items()},
+                "adapt_last_dense": {k: float(v[r]) for k, v in last["adapt_dense"].items()}}
+               if "adapt_dense" in end else {}),
             "train_acc_last": float(last["acc"][r]),
             "grad_v_norm": None if dirn is None else dirn[r].tolist(),
             "curves": {k: hist[k][r, :int(hist["active"][r].sum())].tolist()

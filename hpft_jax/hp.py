@@ -12,11 +12,14 @@ parameters and BatchNorm statistics are never updated.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from hpft_jax import data as data_lib, energy, errors, parallel, steps, stream, tasks
 from hpft_jax.params import head_block_names, is_head_path, merge, partition
@@ -38,6 +41,27 @@ class Probe:
     frozen_stats: Tree
     snapshots: dict[tuple[str, int], tuple[Tree, Tree]]
     records: list[dict]
+    cache: dict | None = None  # :func:`feature_cache` of a fresh HP run (None when read back)
+
+
+def feature_cache(feats: jax.Array, augment: str) -> dict:
+    """What HP holds of the trunk's features: shape, dtype, bytes =
+    N·h·w·C·itemsize for a feature map (N·h·itemsize for a vector), and
+    whether the steps read it (``--augment none``) or recompute the trunk on
+    augmented inputs each step (it is then only used for HP's per-τ metrics
+    on the unaugmented training inputs)."""
+    return {"shape": [int(d) for d in feats.shape], "dtype": str(feats.dtype),
+            "bytes": int(np.prod(feats.shape, dtype=np.int64)) * feats.dtype.itemsize,
+            "formula": "N·" + "·".join("hwC"[-(feats.ndim - 1):]) + "·itemsize",
+            "steps_use_cache": augment == "none"}
+
+
+def describe_cache(c: dict) -> str:
+    """One line for the log: the size of HP's feature cache and its formula."""
+    how = ("HP steps read it" if c["steps_use_cache"] else
+           "augmentation on: HP steps recompute the trunk each step; kept for the HP metrics")
+    return (f"HP feature cache: {'x'.join(map(str, c['shape']))} {c['dtype']} = "
+            f"{c['bytes'] / 2**20:.2f} MiB ({c['bytes']} bytes = {c['formula']}); {how}")
 
 
 def split_head(model, variables: dict, reinit_blocks: int):
@@ -49,14 +73,32 @@ def split_head(model, variables: dict, reinit_blocks: int):
     return hp_, hs, fp, fs, model.backbone.num_blocks - reinit_blocks
 
 
+@functools.lru_cache(maxsize=8)
+def fresh_head_program(model, reinit_blocks: int):
+    """``jit(key, x) -> {path: leaf}``: the head's leaves (params and BN
+    stats, paths with their collection) of ``model.init(key, x)``.
+
+    Only the head's initialisers are compiled (XLA drops the rest of
+    ``init``, whose random initialisers dominate compile time: minutes for a
+    ResNet-50 on a 2-core CPU), and the values are the full init's. One
+    program serves the sweep's fresh head and every seed's (cached)."""
+    blocks = head_block_names(model, reinit_blocks)
+
+    def fresh(key, x):
+        flat = traverse_util.flatten_dict(model.init(key, x, train=False))
+        return {p: v for p, v in flat.items() if is_head_path(p, blocks)}
+
+    return jax.jit(fresh)
+
+
 def init_heads(model, x_example, seeds, reinit_blocks: int):
     """Fresh head parameters (and head-block BN stats), stacked over seeds."""
+    fresh = fresh_head_program(model, reinit_blocks)
+    x_example = np.asarray(x_example)  # host: the same program as prepare.base_variables
 
-    @jax.jit
     def one(key):
-        v = model.init(key, x_example, train=False)
-        hp_, hs, _, _, _ = split_head(model, v, reinit_blocks)
-        return hp_, hs
+        v = traverse_util.unflatten_dict(fresh(key, x_example))
+        return v.get("params", {}), v.get("batch_stats", {}) or {}
 
     heads = [one(seed_key(s, HEAD_INIT)) for s in seeds]  # jit: eager init is slow on CPU
     return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *heads)
@@ -94,6 +136,9 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
         y = parallel.put_replicated(jnp.asarray(train_y), mesh)
         feats = trunk(frozen, x)  # eval mode, (N, ...): cached once
         train_inputs = feats if augment == "none" else x
+    cache = feature_cache(feats, augment)
+    if progress:
+        print(describe_cache(cache), file=sys.stderr, flush=True)
 
     heads0 = init_heads(model, jnp.asarray(train_x[:2]), seeds, reinit_blocks)
     tx = steps.hp_optimizer(hp_cfg)
@@ -159,7 +204,8 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
                 })
         pb.update(taus[-1] - done)
     pb.close()
-    return Probe(split, jax.device_get(fparams), jax.device_get(fstats), snapshots, records)
+    return Probe(split, jax.device_get(fparams), jax.device_get(fstats), snapshots, records,
+                 cache)
 
 
 EVAL_CHUNK = 512  # rows per chunk of the streamed trunk and evaluation (steps.predict's)

@@ -26,6 +26,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from hpft_jax import checkpoint, config as config_lib, data as data_lib, hp, locks, parallel
 from hpft_jax import normalization, pretrain, weights
@@ -224,10 +226,16 @@ def base_variables(model, pretrained: dict, reinit_blocks: int, x_example) -> tu
     The head (and the last ``reinit_blocks`` blocks) stay freshly initialised;
     every other leaf must match the checkpoint exactly.
     """
-    fresh = jax.jit(lambda k: model.init(k, x_example, train=False))(jax.random.key(0))
     blocks = head_block_names(model, reinit_blocks)
-    return load_pretrained(fresh, {k: v for k, v in pretrained.items() if v},
-                           reinit=lambda p: is_head_path(p, blocks))
+    reinit = lambda p: is_head_path(p, blocks)  # noqa: E731
+    shapes = traverse_util.flatten_dict(jax.eval_shape(
+        lambda k: model.init(k, x_example, train=False), jax.random.key(0)))
+    # Only the head is initialised (hp.fresh_head_program); the other leaves
+    # are shapes here and come from the checkpoint.
+    head = hp.fresh_head_program(model, reinit_blocks)(jax.random.key(0), np.asarray(x_example))
+    fresh = {**shapes, **head}
+    return load_pretrained(traverse_util.unflatten_dict(fresh),
+                           {k: v for k, v in pretrained.items() if v}, reinit=reinit)
 
 
 def scratch_init(model, x_example, seed: int) -> tuple[Tree, Tree]:
@@ -278,6 +286,8 @@ def _load_or_probe(cfg, run, model, base, ds, path, *, mesh, progress, inputs) -
                          num_classes=ds.num_classes, augment=cfg.data.augment, mesh=mesh,
                          progress=progress, input=inputs.get("hp"))
         checkpoint.save_tree(path, drop_empty(_snapshot_tree(probe)), {"records": probe.records})
+        if not any(True for _ in run.records("hp_cache")):
+            run.log("hp_cache", **probe.cache)
     logged = {(r["variant"], r["seed"], r["tau"]) for r in run.records("hp")}
     for rec in probe.records:
         if (rec["variant"], rec["seed"], rec["tau"]) not in logged:

@@ -39,6 +39,16 @@ resolved config. No JAX here.
   (docs/graphs.md). Data: ``dataset/ogbg_molpcba`` and
   ``dataset/ogbg_moltox21`` where OGB's tools put them. Its run name is
   ``gcn`` (the only preset that sets ``name``).
+* ``vision-voc``: App. B.3, segmentation: DeepLabV3 (``--head deeplab``,
+  output stride 16) on an ImageNet ResNet-50 (``--init-from``), PASCAL VOC
+  at 272 px (17 × 17 backbone features, the paper's figure), no
+  distortion, no augmentation (so HP caches the feature maps;
+  ``--augment scale_crop_flip`` for the joint random scale/crop/flip);
+  HP lr 0.3, FT up to 200 epochs (early stopping), batch 16, SGD momentum
+  0.9 for both, no weight decay, no schedule; τ ∈ {0, 1, 2, …, 128, 200}.
+  The paper gives no FT lr: 0.01 is ours (torchvision's reference recipe,
+  0.02 at batch 32, scaled to batch 16). Data: ``--source`` and
+  ``--downstream voc:VOCdevkit/VOC2012``.
 """
 
 from __future__ import annotations
@@ -97,6 +107,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "hp": {"taus": TAUS_VISION, "lr": 0.1, "batch_size": 32},
         "ft": {"epochs": 100, "lr": 0.01, "batch_size": 32, "patience": 10},
     },
+}
+# App. B.3 (DeepLabV3-ResNet50 on PASCAL VOC); docs/segmentation.md.
+PRESETS["vision-voc"] = {
+    "data": {"source": "voc:VOCdevkit/VOC2012", "downstream": "voc:VOCdevkit/VOC2012",
+             "distort": False, "image_size": 272, "augment": "none"},
+    "model": {"backbone": "resnet50", "stem": "imagenet", "head": "deeplab"},
+    "hp": {"lr": 0.3, "momentum": 0.9, "batch_size": 16, "taus": TAUS_VISION},
+    "ft": {"lr": 0.01, "momentum": 0.9, "schedule": "constant", "weight_decay": 0.0,
+           "early_stopping": True, "epochs": 200, "batch_size": 16},
 }
 DEFAULT = "toy-fast"
 

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from hpft_jax import masks
 from hpft_jax.outputs import STD_NOTE, mean_std as _mean_std, md_table, plt, publish, save_figure
 from hpft_jax.runlog import RunDir
 
@@ -47,8 +48,14 @@ def summarize(run: RunDir, *, zt: str = "best") -> dict:
                "val_loss": _mean_std(r.get("val_loss") for r in f),
                "test_acc": _mean_std(r["test_acc"] for r in f),
                "epochs_run": _mean_std(r["epochs_run"] for r in f)}
+        dense = any(f"{field}_dense" in r for r in f)  # segmentation: per location
         for k, _ in ADAPT:
-            row[k] = _mean_std((r.get(field) or {}).get(k, math.nan) for r in f)
+            if dense:  # the per-location metrics lead; the pooled vector's follow
+                row[k] = _mean_std((r.get(f"{field}_dense") or {}).get(k, math.nan) for r in f)
+                row[f"pooled_{k}"] = _mean_std((r.get(field) or {}).get(k, math.nan)
+                                               for r in f)
+            else:
+                row[k] = _mean_std((r.get(field) or {}).get(k, math.nan) for r in f)
         out[key] = row
     return out
 
@@ -77,8 +84,9 @@ def _num(ms: tuple[float, float], fmt: str = "{:.4g}") -> str:
     return "n/a" if math.isnan(m) else (fmt.format(m) + " ± " + fmt.format(s))
 
 
-def table1(summary: dict) -> str:
-    """Markdown, Table-1 layout: downstream *test* accuracy, τ* by validation."""
+def table1(summary: dict, metric: str = "accuracy") -> str:
+    """Markdown, Table-1 layout: downstream *test* ``metric`` (accuracy, or
+    the task's metric: :func:`metric_name`), τ* by validation."""
     taus = sorted(t for v, t in summary if v == "hp")
     if not taus:
         return "(no HP runs logged)"
@@ -90,15 +98,20 @@ def table1(summary: dict) -> str:
         rows.append((f"HPτ*-FT (τ*={tstar})", _pct(summary[("hp", tstar)]["test_acc"])))
     if ("lshp", tmax) in summary:
         rows.append((f"lsHP{tmax}-FT", _pct(summary[("lshp", tmax)]["test_acc"])))
-    return md_table(["", "test accuracy (%)"], rows)
+    return md_table(["", f"test {metric} (%)"], rows)
 
 
 def sweep_table(summary: dict) -> str:
     """Markdown: every (variant, τ) with energy, accuracies and adaptation."""
-    head = ["variant", "τ", "HP-train-acc", "AIE", "FT val", "FT test"] + [n for _, n in ADAPT]
+    pooled = any("pooled_cos" in row for row in summary.values())
+    names = [n for _, n in ADAPT]
+    head = ["variant", "τ", "HP-train-acc", "AIE", "FT val", "FT test"] + (
+        [f"{n} per location" for n in names] + [f"{n} pooled" for n in names] if pooled
+        else names)
+    keys = [k for k, _ in ADAPT] + ([f"pooled_{k}" for k, _ in ADAPT] if pooled else [])
     return md_table(head, ([v, t, _pct(row["hp_train_acc"]), _num(row["aie"], "{:.3f}"),
                             _pct(row["val_acc"]), _pct(row["test_acc"])]
-                           + [_num(row[k], "{:.4g}") for k, _ in ADAPT]
+                           + [_num(row.get(k, (math.nan, 0)), "{:.4g}") for k in keys]
                            for (v, t), row in summary.items()))
 
 
@@ -140,7 +153,7 @@ def _errplot(ax, summary, key, label=None, scale=1.0, variant="hp", **kw):
                     label=label, **kw)
 
 
-def figures(run: RunDir, summary: dict) -> list[str]:
+def figures(run: RunDir, summary: dict, metric: str = "accuracy") -> list[str]:
     """Write the sweep's figures; returns their paths."""
     pyplot = plt()
     paths = []
@@ -177,7 +190,7 @@ def figures(run: RunDir, summary: dict) -> list[str]:
     tstar = pick_tau_star(summary)
     if tstar is not None:
         ax.axvline(tstar, color="k", ls=":", label=f"τ* = {tstar} (by validation)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(f"{metric} (%)")
     _tau_axis(ax, taus)
     ax.legend(fontsize=7, title=err, title_fontsize=7, ncol=2, loc="upper center",
               bbox_to_anchor=(0.5, -0.2))
@@ -222,13 +235,18 @@ def figures(run: RunDir, summary: dict) -> list[str]:
             n = min(len(c) for c in curves)
             ax.plot(100 * np.mean([c[:n] for c in curves], axis=0), label=f"τ={t}", color=c)
         ax.set_xlabel("FT epoch")
-        ax.set_ylabel("validation accuracy (%)")
+        ax.set_ylabel(f"validation {metric} (%)")
         ax.legend(fontsize=7, ncol=2)
         save(fig, "ft_curves.png")
 
     projs = sorted((r for r in fts if r.get("projection")), key=lambda r: r["tau"])
     if projs:
         save(projection_figure(pyplot, projs), "projection.png")
+    if taus and fts:
+        seed = min(r["seed"] for r in fts)
+        fig = masks.figure(run, (min(taus), tstar, max(taus)), seed)
+        if fig is not None:
+            save(fig, "masks.png")
     return paths
 
 
@@ -293,16 +311,36 @@ def trends(summary: dict) -> list[str]:
     return out
 
 
-def _metric_note(path: str) -> list[str]:
-    """A line naming the metric behind every "acc" column when it is not
-    accuracy (graph data: ROC-AUC, hpft_jax.tasks); nothing otherwise."""
+def _downstream(path: str) -> str:
     try:
         with open(os.path.join(path, "config.json")) as f:
             cfg = json.load(f)
     except (OSError, ValueError):
-        return []
-    data = cfg.get("sweep", cfg).get("data", {})
-    if str(data.get("downstream", "")).startswith("ogb:"):
+        return ""
+    return str(cfg.get("sweep", cfg).get("data", {}).get("downstream", ""))
+
+
+def metric_name(path: str) -> str:
+    """The downstream task's metric as the report names it: ``mIoU`` for
+    segmentation (``voc:`` data), else ``accuracy`` (graphs: see
+    :func:`_metric_note`)."""
+    return "mIoU" if _downstream(path).startswith("voc:") else "accuracy"
+
+
+def _metric_note(path: str) -> list[str]:
+    """A line naming the metric behind every "acc" column when it is not
+    accuracy (graph data: ROC-AUC, segmentation: mIoU; hpft_jax.tasks);
+    nothing otherwise."""
+    down = _downstream(path)
+    if down.startswith("voc:"):
+        return ["Segmentation task: every accuracy-named column below (HP-train-acc, FT val, "
+                "FT test) is mIoU × 100 (confusion matrix over the whole split; classes "
+                "absent from both labels and predictions left out). FT test = VOC's "
+                "val.txt; FT val = a part of train.txt held out for early stopping. "
+                "Adaptation metrics (table and figure): per location of the backbone's "
+                "feature map, averaged over locations and the first 64 training inputs "
+                "(`adapt_dense`); the pooled vector's (`adapt`) follow in the table."]
+    if down.startswith("ogb:"):
         return ["Multi-label graph task: every accuracy column below (HP-train-acc, FT val, "
                 "FT test) is ROC-AUC × 100, averaged over the tasks with both classes "
                 "(OGB's evaluator)."]
@@ -320,11 +358,12 @@ def report(run_dir: str, *, write_figures: bool = True, out=print, zt: str = "be
     summary = summarize(run, zt=zt)
     if not summary:
         raise ValueError(f"{run.path} has no HP/FT records in metrics*.jsonl yet")
+    metric = metric_name(run.path)
     parts = [
         f"# Sweep report: {run.path}",
-        "## Table 1 layout (downstream test accuracy; τ* chosen on validation)",
+        f"## Table 1 layout (downstream test {metric}; τ* chosen on validation)",
         *_metric_note(run.path),
-        table1(summary),
+        table1(summary, metric),
         f"## Every τ ({STD_NOTE})",
         f"Adaptation columns: {ZT[zt][1]} (`{ZT[zt][0]}`). Both are logged; "
         + ("`hpft report RUN --zt last` shows the last epoch's" if zt == "best" else
@@ -334,5 +373,5 @@ def report(run_dir: str, *, write_figures: bool = True, out=print, zt: str = "be
         "## Trends (paper: distance falls, cos rises, dot/norm rise then fall)",
         "\n".join("- " + s for s in trends(summary)),
     ]
-    return publish(run, "report.md", parts, figures(run, summary) if write_figures else [],
-                   out=out)
+    return publish(run, "report.md", parts,
+                   figures(run, summary, metric) if write_figures else [], out=out)

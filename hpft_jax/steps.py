@@ -64,8 +64,9 @@ def pretrain_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
 
 
 def hp_optimizer(cfg) -> optax.GradientTransformation:
-    """Plain SGD at a constant learning rate; ``cfg``: HPConfig."""
-    return optax.sgd(cfg.lr)
+    """SGD at a constant learning rate (+ ``cfg.momentum``; 0 = plain SGD,
+    the optimizer HP always had); ``cfg``: HPConfig."""
+    return optax.sgd(cfg.lr, momentum=getattr(cfg, "momentum", 0.0) or None)
 
 
 def ft_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
@@ -95,17 +96,21 @@ def epoch_indices(key: jax.Array, epoch: jax.Array, num_examples: int,
     return perm[: nb * batch_size].reshape(nb, batch_size)
 
 
-def _augment_fn(kind: str, model=None) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
-    """``aug(x, key)``; uint8 images are normalised first with the model's
-    ``input_norm``, so that augmentation sees what the float path saw."""
+def _augment_fn(kind: str, model=None) -> Callable | None:
+    """``aug(x, y, key) -> (x, y)``; uint8 images are normalised first with
+    the model's ``input_norm``, so that augmentation sees what the float path
+    saw. Image-only kinds leave y alone; ``scale_crop_flip`` moves
+    segmentation masks y (N, H, W) with their images."""
     if kind == "none":
         return None
+    norm = getattr(model, "input_norm", None)
     if kind == "flip_crop":
-        norm = getattr(model, "input_norm", None)
-        return lambda x, k: augment.flip_crop(images.model_input(x, norm), k)
+        return lambda x, y, k: (augment.flip_crop(images.model_input(x, norm), k), y)
     if kind == "rrc_flip":
-        norm = getattr(model, "input_norm", None)
-        return lambda x, k: pipeline.random_resized_crop_flip(images.model_input(x, norm), k)
+        return lambda x, y, k: (pipeline.random_resized_crop_flip(images.model_input(x, norm),
+                                                                  k), y)
+    if kind == "scale_crop_flip":
+        return lambda x, y, k: augment.scale_crop_flip(images.model_input(x, norm), y, k)
     raise ValueError(f"unknown augmentation {kind!r}")
 
 
@@ -170,7 +175,7 @@ def make_train_step(model, tx, *, num_classes: int, eta: float | jax.Array,
     def step(state: TrainState, x, y, key, frozen=None):
         x = parallel.shard_batch(x, mesh)
         if aug is not None:
-            x = aug(x, key)
+            x, y = aug(x, y, key)
         (loss, (new_bs, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, frozen, state.batch_stats, x, y, dropout_rngs(key))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -335,7 +340,8 @@ def make_hp_step(model, tx, *, num_classes: int, split: int, mesh=None,
         frozen_params, frozen_stats = frozen
         h = parallel.shard_batch(h, mesh)
         if aug is not None:
-            h = model.apply(variables(frozen_params, frozen_stats), aug(h, key),
+            h, y = aug(h, y, key)
+            h = model.apply(variables(frozen_params, frozen_stats), h,
                             split=split, train=False, method=model.trunk)
             h = jax.lax.stop_gradient(h)
         (loss, (new_bs, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -16,14 +16,16 @@ batch from its last epoch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from hpft_jax import checkpoint, config as config_lib, ft, prepare as prep_lib
+from hpft_jax import checkpoint, config as config_lib, ft, masks, prepare as prep_lib
 from hpft_jax.prepare import RunKey
 from hpft_jax.runlog import RunDir
 
@@ -101,6 +103,8 @@ def finetune_group(prep: prep_lib.Prepared, run: RunDir, group: list[RunKey], *,
     for k, res in zip(group, results):
         if not projected(k, cfg):
             res.pop("projection", None)
+    if ds.task == "segmentation":
+        save_masks(prep, run, group, final)
     if save_final:
         for r, k in enumerate(group):
             tree = jax.tree_util.tree_map(lambda a: np.asarray(a[r]), final)
@@ -108,6 +112,34 @@ def finetune_group(prep: prep_lib.Prepared, run: RunDir, group: list[RunKey], *,
                                  {"key": list(k)})
     return [dict(variant=k.variant, seed=k.seed, tau=k.tau, eta_hp=etas[k.variant],
                  eta_ft=cfg.ft.eta, **res) for k, res in zip(group, results)]
+
+
+def save_masks(prep: prep_lib.Prepared, run: RunDir, group: list[RunKey], final: dict) -> None:
+    """Predicted masks of the first seed's HP runs on the first few test
+    images (:mod:`hpft_jax.masks`), for the report's figure."""
+    picked = [r for r, k in enumerate(group) if k.variant == "hp" and k.seed == prep.cfg.seeds[0]]
+    if not picked:
+        return
+    ds = prep.ds
+    x, y = ds.test.x[:masks.NUM_IMAGES], ds.test.y[:masks.NUM_IMAGES]
+    masks.save_inputs(run, x, y, ds.mean, ds.std)
+    variables = jax.tree_util.tree_map(lambda a: a[np.asarray(picked)], final)
+    pred = jax.device_get(_mask_program(prep.model)(variables, jnp.asarray(x)))
+    for i, r in enumerate(picked):
+        k = group[r]
+        masks.save_pred(run, k.variant, k.tau, k.seed, pred[i])
+
+
+@functools.lru_cache(maxsize=4)
+def _mask_program(model):
+    """Jitted, vmapped over runs: eval-mode argmax labels (R, k, H, W)."""
+    from hpft_jax import steps  # noqa: PLC0415
+
+    def one(v, x):
+        return jnp.argmax(steps.predict(model, steps.variables(v["params"], v["batch_stats"]),
+                                        x)[0], axis=-1)
+
+    return jax.jit(jax.vmap(one, in_axes=(0, None)))
 
 
 def run_dir(cfg: config_lib.SweepConfig) -> RunDir:

@@ -17,11 +17,12 @@ is not a palette/greyscale PNG.
 **Transforms** (one fixed array per split, as every data set here): each
 image and its mask are resized so the shorter side is ``size`` (image
 bilinear, mask nearest neighbour, so labels stay labels) and centre-cropped
-to ``size`` x ``size``, for training and evaluation alike; images are then
-scaled to [0, 1] and standardised with ImageNet's mean and std (what the
-imported torchvision weights expect). Random scale / crop / flip for
-training is not implemented: the library's augmentations act on images
-only, and a joint image/mask version is left to do. Splits: ``train`` is
+to ``size`` x ``size``; images are then scaled to [0, 1] and standardised
+with ImageNet's mean and std (what the imported torchvision weights
+expect). Evaluation uses exactly these arrays. Training may add, per step,
+a random scale / crop / flip of image and mask together
+(``--augment scale_crop_flip``, :func:`hpft_jax.augment.scale_crop_flip`,
+applied to these arrays inside the jitted step). Splits: ``train`` is
 ``train.txt`` minus a seeded ``val_fraction`` held out for early stopping;
 ``test`` is VOC's ``val.txt`` (its test labels are not public), which is
 the split papers report mIoU on.

@@ -87,3 +87,28 @@ def test_segmentation_loss_gradient_is_zero_at_ignored_pixels():
     g = jax.grad(lambda a: tasks.get("segmentation").loss(a, label, 1.0))(jnp.asarray(logits))
     assert np.all(np.asarray(g)[label == 255] == 0)
     assert np.abs(np.asarray(g)[label != 255]).sum() > 0
+
+
+def test_dense_adaptation_per_location_against_numpy():
+    from hpft_jax import energy
+
+    r = np.random.default_rng(4)
+    f0 = r.normal(size=(3, 2, 5, 7)).astype(np.float32)
+    ft = (f0 + 0.5 * r.normal(size=f0.shape)).astype(np.float32)
+    got = {k: float(v) for k, v in energy.adaptation_dense(jnp.asarray(f0), jnp.asarray(ft)).items()}
+    d2, nt, dot, cos = [], [], [], []
+    for n in range(3):  # every (input, location) pair is one z
+        for i in range(2):
+            for j in range(5):
+                a, b = f0[n, i, j].astype(np.float64), ft[n, i, j].astype(np.float64)
+                d2.append(((b - a) ** 2).sum())
+                nt.append((b ** 2).sum())
+                dot.append(a @ b)
+                cos.append(a @ b / np.sqrt((a ** 2).sum() * (b ** 2).sum()))
+    want = {"dist_sq": np.mean(d2), "norm_sq": np.mean(nt), "dot": np.mean(dot),
+            "cos": np.mean(cos), "dist": np.mean(np.sqrt(d2))}
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-5)
+    pooled = {k: float(v) for k, v in energy.adaptation(jnp.asarray(f0.mean((1, 2))),
+                                                        jnp.asarray(ft.mean((1, 2)))).items()}
+    assert abs(pooled["cos"] - got["cos"]) > 1e-3  # the two definitions differ

@@ -128,3 +128,30 @@ def test_early_stopping_logs_both_zT_and_report_says_which(toy_paper_run, capsys
         assert best[(v, t)]["cos"][0] == pytest.approx(np.mean([r["adapt"]["cos"] for r in recs]))
     assert "best-validation model" in report.report(run.path, write_figures=False,
                                                     out=lambda s: None)
+
+
+def test_hp_momentum_is_the_hand_update_and_zero_is_plain_sgd():
+    p = {"w": jnp.array([1.0, -2.0])}
+    grads = ([0.5, 1.0], [-1.0, 2.0], [3.0, 0.0])
+    for mom in (0.0, 0.9):
+        tx = steps.hp_optimizer(C.HPConfig(lr=0.3, momentum=mom))
+        q, state, buf = p, tx.init(p), np.zeros(2)
+        for g in grads:
+            buf = mom * buf + np.asarray(g)  # torch/optax heavy-ball: v = μv + g, w -= lr v
+            want = np.asarray(q["w"]) - 0.3 * buf
+            upd, state = tx.update({"w": jnp.array(g)}, state, q)
+            q = optax.apply_updates(q, upd)
+            np.testing.assert_allclose(q["w"], want, rtol=1e-6)
+
+
+def test_vision_voc_preset_is_app_b3(capsys):
+    assert main(["sweep", "--preset", "vision-voc", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["hp"]["lr"] == 0.3 and cfg["hp"]["momentum"] == 0.9
+    assert cfg["hp"]["batch_size"] == cfg["ft"]["batch_size"] == 16
+    assert max(cfg["hp"]["taus"]) == 200 and cfg["ft"]["epochs"] == 200
+    assert cfg["ft"]["momentum"] == 0.9 and cfg["ft"]["weight_decay"] == 0.0
+    assert cfg["ft"]["schedule"] == "constant" and cfg["model"]["head"] == "deeplab"
+    assert cfg["model"]["stem"] == "imagenet" and cfg["data"]["distort"] is False
+    assert cfg["data"]["image_size"] == 272 and 272 // 16 == 17  # the paper's 17 x 17
+    assert cfg["data"]["downstream"].startswith("voc:")

@@ -97,3 +97,14 @@ def test_size_mismatch_and_missing_image(root, tmp_path):
 def test_size_must_suit_the_output_stride(root):
     with pytest.raises(ValueError, match="multiple of 16"):
         data.load_downstream(DataConfig(downstream=f"voc:{root}", image_size=40))
+
+
+def test_augment_must_move_masks_for_voc_and_only_for_voc(root):
+    with pytest.raises(ValueError, match="moves images but not masks"):
+        data.load_downstream(DataConfig(downstream=f"voc:{root}", image_size=32,
+                                        augment="flip_crop"))
+    with pytest.raises(ValueError, match="moves segmentation masks"):
+        data.load_downstream(DataConfig(downstream="digits:0,1", augment="scale_crop_flip"))
+    ds = data.load_downstream(DataConfig(downstream=f"voc:{root}", image_size=32,
+                                         augment="scale_crop_flip"))
+    assert ds.train.x.shape == (8, 32, 32, 3)  # the stored arrays stay the eval transform
