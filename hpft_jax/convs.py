@@ -1,19 +1,24 @@
-"""How training computes convolutions: XLA's convolution or patches + matmul.
+"""How training computes convolutions: XLA's convolution or GEMM gradients.
 
 XLA:CPU runs the backward convolutions of a training step slowly (the
 weight-gradient conv of ResNet18's first stage about 20x its forward pass)
-and another 6-16x slower inside a loop (jax-ml/jax#12868); see
-benchmarks/RESULTS.md. :func:`conv_patches` computes the same convolution as
-shifted slices of the padded input, concatenated into patches (N, H', W',
-k_h k_w C), times the kernel reshaped to (k_h k_w C, O): one GEMM forward,
-and its gradients are GEMMs plus pads. The parameters are the same arrays
-(HWIO kernels), so both implementations train the same model.
+and another 6-28x slower inside a loop (jax-ml/jax#12868); see
+benchmarks/RESULTS.md. :func:`conv_patches` keeps XLA's forward convolution
+(fast on CPU, and bit-identical forward values) and computes the gradients
+as GEMMs in a custom VJP: the kernel's as patches^T @ g, where the patches
+(N H' W', k_h k_w C) are shifted slices of the padded input, concatenated;
+the input's as the forward convolution of g with the flipped kernel (stride
+1) or as g @ kernel^T folded back with pads (strided). The parameters are
+the same arrays (HWIO kernels), so both implementations train the same
+model to float tolerance.
 
 :func:`use` switches every plain ``flax.linen.Conv`` call of an ``apply`` to
 it (a method interceptor), without changing the model or its parameter
-tree; the eNTK code (theory/) still sees plain ``nn.Conv`` modules.
-``conv="auto"`` (the :class:`hpft_jax.config.FTConfig` default) picks
-"patches" on the CPU backend and XLA's convolution elsewhere.
+tree; the eNTK code (theory/) still sees plain ``nn.Conv`` modules. The
+switch is :attr:`hpft_jax.config.ModelConfig.conv` (``--conv``), carried by
+``Classifier.conv`` into :func:`hpft_jax.steps.make_train_step` and
+``make_hp_step``: ``auto`` (default) picks "patches" on the CPU backend and
+XLA's convolution elsewhere; ``lax`` / ``patches`` force one.
 """
 
 from __future__ import annotations

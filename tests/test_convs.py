@@ -136,3 +136,20 @@ def test_switch_trains_the_same_parameters():
     moved = max(float(jnp.abs(u - w).max()) for u, w in zip(jax.tree.leaves(a.params),
                                                                 jax.tree.leaves(init)))
     assert moved > 1e-3  # training moved the parameters: the comparison is not trivial
+
+
+def test_run_directory_from_before_the_switch_resumes(tmp_path):
+    """A config.json written before ModelConfig.conv existed reads as conv='auto'."""
+    import json
+
+    from hpft_jax import config as config_lib
+    from hpft_jax.runlog import RunDir
+
+    cfg = config_lib.SweepConfig()
+    old = config_lib.to_dict(cfg)
+    del old["model"]["conv"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    RunDir(str(tmp_path)).write_config(cfg)  # same run: accepted
+    with pytest.raises(ValueError, match="different config"):
+        RunDir(str(tmp_path)).write_config(
+            config_lib.SweepConfig(model=config_lib.ModelConfig(conv="lax")))
