@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and PyTorch share the GPU in one process
 OUT=${1:-/tmp/bench_gpu}
 mkdir -p "$OUT"
 python - <<'PY'
