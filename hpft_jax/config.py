@@ -136,8 +136,13 @@ class ModelConfig:
     head_depth: int = 2  # Dense layers in the MLP head
     reinit_blocks: int = 0  # partial backbone: last k blocks join the head
     dtype: str = "float32"  # compute dtype; params stay float32
+    # Training's convolutions (hpft_jax.convs): auto (patches + matmul on CPU,
+    # XLA's convolution elsewhere) | lax | patches. Speed only.
+    conv: str = "auto"
 
     def __post_init__(self):
+        if self.conv not in ("auto", "lax", "patches"):
+            raise ValueError(f"conv must be 'auto', 'lax' or 'patches'; got {self.conv!r}")
         if self.reinit_blocks < 0:
             raise ValueError(f"reinit_blocks must be >= 0; got {self.reinit_blocks}")
         if self.head not in ("linear", "mlp", "deeplab", "deeplab_os8"):

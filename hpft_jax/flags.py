@@ -163,6 +163,8 @@ FLAGS: dict[str, tuple[str | None, str, Callable[[str], Any], str]] = {
     "--head-hidden": ("model", "head_hidden", int, "MLP head width"),
     "--reinit-blocks": ("model", "reinit_blocks", int, "partial backbone: re-initialise the last k blocks"),
     "--dtype": ("model", "dtype", str, "compute dtype (float32 | bfloat16)"),
+    "--conv": ("model", "conv", str,
+               "training's convolutions: auto (patches + matmul on CPU) | lax | patches"),
     "--pretrain-epochs": ("pretrain", "epochs", int, "pretraining epochs"),
     "--pretrain-lr": ("pretrain", "lr", float, "pretraining learning rate"),
     "--pretrain-optimizer": ("pretrain", "optimizer", str,

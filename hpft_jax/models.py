@@ -281,13 +281,16 @@ class Classifier(nn.Module):
     :mod:`hpft_jax.tasks` kind its logits mean (loss, energy, metric).
     ``input_norm``: ((C,) mean, (C,) std) that uint8 images are standardised
     with on entry (:func:`hpft_jax.images.normalize`); float input is used
-    as given.
+    as given. ``conv``: how training steps compute its convolutions
+    (:mod:`hpft_jax.convs`: auto | lax | patches; the same parameters and
+    results to float tolerance, speed only).
     """
 
     backbone: nn.Module
     head: nn.Module
     task: str = "classification"
     input_norm: images.Norm | None = None
+    conv: str = "auto"
 
     def __call__(self, x, *, train: bool = False):
         z = self.backbone(images.model_input(x, self.input_norm), train=train)
@@ -355,4 +358,5 @@ def make_classifier(cfg, num_classes: int, task: str = "classification",
     else:
         head = MLPHead(num_classes, hidden=cfg.head_hidden, depth=cfg.head_depth,
                        dtype=dtype)
-    return Classifier(backbone=backbone, head=head, task=task, input_norm=input_norm)
+    return Classifier(backbone=backbone, head=head, task=task, input_norm=input_norm,
+                      conv=cfg.conv)

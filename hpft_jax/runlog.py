@@ -66,6 +66,8 @@ class RunDir:
         if os.path.exists(self.config_file):
             with open(self.config_file) as f:
                 old = json.load(f)
+            if isinstance(old.get("model"), dict):  # written before ModelConfig.conv existed
+                old["model"].setdefault("conv", "auto")
             a = {k: v for k, v in old.items() if k != "shard"}
             b = {k: v for k, v in new.items() if k != "shard"}
             if a != b:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from hpft_jax import augment, images, parallel, pipeline, rng, tasks
+from hpft_jax import augment, convs, images, parallel, pipeline, rng, tasks
 from hpft_jax.params import merge, partition
 
 Tree = Any
@@ -156,11 +156,14 @@ def make_train_step(model, tx, *, num_classes: int, eta: float | jax.Array,
     x: (B, ...) inputs, y: (B,) labels. Metrics: ``loss``, ``acc`` and
     ``grad_v_norm`` = ||grad of the loss w.r.t. params/head|| (the direction
     term's change, Fig. 2 right; 0 if the head is frozen).
+    Convolutions compute as the model's ``conv`` field says (:mod:`hpft_jax.convs`).
     """
     aug = _augment_fn(augment, model)
     task = tasks.of(model)
+    conv = getattr(model, "conv", "auto")
     del num_classes  # the logits' last axis (kept for callers)
 
+    @convs.wrap(conv)
     def loss_fn(params, frozen, batch_stats, x, y, rngs):
         full = merge(frozen, params) if frozen else params
         if batch_stats:
@@ -321,8 +324,10 @@ def make_hp_step(model, tx, *, num_classes: int, split: int, mesh=None,
     """
     aug = _augment_fn(augment, model)
     task = tasks.of(model)
+    conv = getattr(model, "conv", "auto")
     del num_classes  # the logits' last axis (kept for callers)
 
+    @convs.wrap(conv)
     def loss_fn(params, batch_stats, h, y, frozen_params, frozen_stats, eta, rngs):
         full = merge(frozen_params, params)
         if batch_stats:
