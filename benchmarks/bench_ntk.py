@@ -96,6 +96,14 @@ def child(case: str, reps: int, outdir: str) -> dict:
         res.update(_ft_step(reps))
     elif case == "drift":
         res.update(_drift(reps))
+    elif case.startswith("nt:"):           # neural-tangents, side venv (--vs-nt)
+        from benchmarks import _ntside
+        _, params, x = _setup()
+        res.update(_ntside.child_case(
+            "mlp", params, x, trace=case == "nt:trace", reps=reps,
+            out_npy=os.path.join(outdir, f"{case.replace(':', '_')}.npy")))
+        res["load_end"] = os.getloadavg()   # peak RSS is the side process's
+        return res
     else:
         method, mode = case.split(":")
         x64 = method.endswith("64")
@@ -238,6 +246,22 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
+def vs_nt(results) -> str:
+    """Structured vs neural-tangents lines: time, memory, kernel difference."""
+    by = {r["case"]: r for r in results}
+    lines = []
+    for mode in ("full", "trace"):
+        s, n = by.get(f"structured:{mode}"), by.get(f"nt:{mode}")
+        if not s or not n or "error" in s or "error" in n:
+            continue
+        lines.append(
+            f"structured vs neural-tangents, {mode}: {n['median_s'] / s['median_s']:.2f}x time "
+            f"({s['median_s']:.3g} s vs {n['median_s']:.3g} s), peak RSS "
+            f"{s['peak_rss_gb']:.2f} vs {n['peak_rss_gb']:.2f} GB, n-t max err vs f64 "
+            f"{n.get('err_vs_f64', float('nan')):.1e}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", help="run one case in this process (child mode)")
@@ -247,13 +271,19 @@ def main(argv=None):
     ap.add_argument("--outdir", default=None)
     ap.add_argument("--skip-naive-full", action="store_true")
     ap.add_argument("--json", default=None, help="also write all results here")
+    ap.add_argument("--vs-nt", action="store_true",
+                    help="also run neural-tangents 0.6.5 in a side venv (benchmarks/_ntside.py; "
+                         "builds it on first use from the package index)")
+    ap.add_argument("--cases", nargs="*", default=None, help=f"subset of {CASES}")
     args = ap.parse_args(argv)
     if args.case:
         print(json.dumps(child(args.case, args.reps, args.outdir)))
         return
     outdir = args.outdir or tempfile.mkdtemp(prefix="bench_ntk_")
+    os.makedirs(outdir, exist_ok=True)
     results = []
-    for case in CASES:
+    cases = list(args.cases or CASES) + (["nt:full", "nt:trace"] if args.vs_nt else [])
+    for case in cases:
         if case == "jacobian:full" and args.skip_naive_full:
             continue
         reps = args.naive_reps if case == "jacobian:full" else args.reps
@@ -271,6 +301,8 @@ def main(argv=None):
             if s and n:
                 print(f"naive / structured, {mode}: {n['median_s'] / s['median_s']:.0f}x "
                       f"time, {n['flops'] / s['flops']:.0f}x FLOPs")
+    if args.vs_nt:
+        print(vs_nt(results))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)

@@ -83,6 +83,14 @@ def child(case: str, reps: int, outdir: str, resnet_probes: int) -> dict:
         dot = jax.jit(jnp.dot)
         _, t = timed(lambda: dot(a, a), 10)
         res.update(t, gflops_per_s=2 * 2048**3 / t["median_s"] / 1e9)
+    elif name.startswith("nt-cnn:"):       # neural-tangents, side venv (--vs-nt)
+        from benchmarks import _ntside
+        _, params, x = _cnn()
+        res.update(_ntside.child_case(
+            "cnn", params, x, trace=name.endswith("trace"), reps=reps,
+            out_npy=os.path.join(outdir, case.replace(":", "_") + ".npy")))
+        res["load_end"] = os.getloadavg()   # peak RSS is the side process's
+        return res
     elif name.startswith("cnn:"):
         f, params, x = _cnn()
         trace = name.endswith("trace")
@@ -124,13 +132,17 @@ def main(argv=None):
     ap.add_argument("--resnet-probes", type=int, default=10)
     ap.add_argument("--outdir", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--vs-nt", action="store_true",
+                    help="also run neural-tangents 0.6.5 on the small CNN in a side venv "
+                         "(benchmarks/_ntside.py)")
     a = ap.parse_args(argv)
     if a.case:
         print(json.dumps(child(a.case, a.reps, a.outdir, a.resnet_probes)))
         return
     outdir = a.outdir or tempfile.mkdtemp(prefix="bench_ntk_conv_")
+    os.makedirs(outdir, exist_ok=True)
     results = []
-    for case in a.cases:
+    for case in list(a.cases) + (["nt-cnn:full", "nt-cnn:trace"] if a.vs_nt else []):
         cmd = [sys.executable, "-m", "benchmarks.bench_ntk_conv", "--case", case,
                "--reps", str(a.reps), "--outdir", outdir,
                "--resnet-probes", str(a.resnet_probes)]
@@ -153,7 +165,8 @@ def _consistency(outdir):
         return
     full = np.load(p("cnn:full")).astype(np.float64)
     tr = np.trace(full, axis1=2, axis2=3)
-    for c, ref in (("cnn:trace", tr), ("cnn:trace@3.6", tr), ("cnn:full@5.8", full)):
+    for c, ref in (("cnn:trace", tr), ("cnn:trace@3.6", tr), ("cnn:full@5.8", full),
+                   ("nt-cnn:full", full), ("nt-cnn:trace", tr)):
         if os.path.exists(p(c)):
             k = np.load(p(c)).astype(np.float64)
             print(f"{c} vs cnn:full: max rel err "
