@@ -207,9 +207,13 @@ def _sq_blocks(ct: Factors, dt: Factors, cn: Factors, dn: Factors, t: int) -> ja
     return out.reshape(3, nb * t, nb * t)[:, :n, :n]
 
 
-def drift(plan: Plan, f, pt, pn, x, sched: Schedule, dtype) -> dict:
+def drift(plan: Plan, f, pt, pn, x, sched: Schedule, dtype, *, f_next=None) -> dict:
     """k_norm, k_norm_next, k_gap (means over the n² pairs of Frobenius norms),
-    from output panels of k and stream chunks of s, recomputed as needed."""
+    from output panels of k and stream chunks of s, recomputed as needed.
+
+    ``f`` evaluates ``pt``; ``f_next`` (default ``f``) evaluates ``pn``, e.g.
+    the same backbone with the BatchNorm statistics of the next state."""
+    fn_ = f if f_next is None else f_next
     n = x.shape[0]
     k, s, hp = sched.k, sched.s, sched.hp
     nc, r = hp // k, k // s
@@ -221,13 +225,13 @@ def drift(plan: Plan, f, pt, pn, x, sched: Schedule, dtype) -> dict:
     def panel(a, acc):
         rows_c = _rows(plan.h, hp, a * k, k, dtype)
         ct = _facs(plan, f, pt, x, rows_c, sched.sample_chunk)
-        cn = _facs(plan, f, pn, x, rows_c, sched.sample_chunk)
+        cn = _facs(plan, fn_, pn, x, rows_c, sched.sample_chunk)
         acc = acc + sq3(ct, cn, ct, cn)
 
         def stream(b, acc):
             rows_d = _rows(plan.h, hp, b * s, s, dtype)
             dt = _facs(plan, f, pt, x, rows_d, sched.sample_chunk)
-            dn = _facs(plan, f, pn, x, rows_d, sched.sample_chunk)
+            dn = _facs(plan, fn_, pn, x, rows_d, sched.sample_chunk)
             m = sq3(ct, cn, dt, dn)
             return acc + m + jnp.swapaxes(m, 1, 2)
 
