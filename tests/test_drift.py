@@ -226,7 +226,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, extra, match):
 
 R18 = ["--backbone", "resnet18", "--width", "2", "--no-scratch", "--taus", "0", "--probes", "4",
        "--every", "3", "--ft-epochs", "1", "--batch-size", "32", "--per-class", "60",
-       "--no-distort", "--no-figures"]
+       "--no-distort", "--quiet", "--no-figures"]
 
 
 def _fake_pretrain_resnet(data_cfg, model_cfg, pre_cfg, source, **_):
@@ -308,16 +308,17 @@ def test_resnet18_drift_under_memory_budget_matches_jacrev(tmp_path):
 def _r18_reference(bb, a, b, x):
     """(k_norm_t, k_norm_next, k_gap), float64 jacrev of the batched backbone
     (eval mode, each state's statistics), every J_i J_jᵀ block in numpy."""
-    def jac(state):
-        p64 = jax.tree.map(lambda v: np.asarray(v, np.float64), state.params["backbone"])
-        s64 = jax.tree.map(lambda v: np.asarray(v, np.float64), state.batch_stats["backbone"])
-        flat, unravel = ravel_pytree(p64)
-        g = lambda th: bb.apply({"params": unravel(th), "batch_stats": s64},  # noqa: E731
+    @jax.jit
+    def jac(params, stats):
+        flat, unravel = ravel_pytree(params)
+        g = lambda th: bb.apply({"params": unravel(th), "batch_stats": stats},  # noqa: E731
                                 jnp.asarray(x, jnp.float64), train=False)
-        return np.asarray(jax.jit(jax.jacrev(g))(flat))
+        return jax.jacrev(g)(flat)
 
+    f64 = lambda t: jax.tree.map(lambda v: np.asarray(v, np.float64), t)  # noqa: E731
     with jax.enable_x64(True):
-        jt, jn = jac(a), jac(b)
+        jt, jn = (np.asarray(jac(f64(s.params["backbone"]), f64(s.batch_stats["backbone"])))
+                  for s in (a, b))
     kt = np.einsum("icp,jdp->ijcd", jt, jt)
     kn = np.einsum("icp,jdp->ijcd", jn, jn)
     fro = lambda k: np.sqrt((k ** 2).sum(axis=(2, 3))).mean()  # noqa: E731

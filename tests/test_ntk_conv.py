@@ -103,7 +103,9 @@ def _budget_for(f, params, x, units, *, kind, sets=1, trace=False):
     out = {"trace": n * n, "full": n * n * h * h, "drift": 3 * n * n}[kind] * 4
     return int(ntk_budget.RUNTIME_BYTES + out + units * u["transient_unit"]
                + u["forward_sample"]
-               + sets * n * (u["sample"] + ntk_budget.HELD_COPIES * units * u["unit"])) + 8
+               + sets * n * (u["sample"] + ntk_budget.HELD_COPIES * units * u["unit"])
+               + ntk_budget.contract_bytes(plan, n, units, units, kind=kind)
+               + ntk_budget.PROGRAM_BYTES + u["program"]) + 8
 
 
 # --------------------------------------------------------------------------
@@ -276,3 +278,24 @@ def test_trace_never_holds_more_than_full():
     assert full_plan.h * unit > cap          # all outputs at once would hold more
     s = ntk_budget.schedule(tr_plan, 4, kind="trace", memory_budget=None, cap_unit_bytes=cap)
     assert s.mode == "outputs" and s.k * unit <= cap
+
+
+@pytest.mark.slow
+def test_estimate_bounds_xla_buffers():
+    """The scheduler's estimate (less the runtime) bounds the bytes XLA's
+    buffer assignment gives the compiled drift program (temporaries,
+    arguments, outputs) on a width-8 ResNet18 with output chunks of 1."""
+    from hpft_jax.models import ResNet18
+
+    m = ResNet18(width=8)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 16, 16, 3)), jnp.float32)
+    v = _draw(jax.eval_shape(functools.partial(m.init, train=False), jax.random.key(0), x), 4)
+    bs = v["batch_stats"]
+    f = lambda p, x: m.apply({"params": p, "batch_stats": bs}, x, train=False)  # noqa: E731
+    d = make_drift_fn(f, x, memory_budget=_budget_for(f, v["params"], x, 2, kind="drift",
+                                                      sets=2))
+    sched = d.plan(v["params"])["schedule"]
+    assert sched["mode"] == "outputs"
+    mem = d._both.lower(v["params"], v["params"]).compile().memory_analysis()
+    xla = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+    assert xla <= sched["est_bytes"] - ntk_budget.RUNTIME_BYTES

@@ -290,7 +290,8 @@ def empirical_ntk_fn(f: Callable, *, trace: bool = False, chunk_size: int | None
 
     def structured_schedule(params, x1, x2, plan):
         n = max(x1.shape[0], 0 if x2 is None else x2.shape[0])
-        tile = chunk_size if chunk_size is not None else auto_tile(n)
+        # what core() contracts with: stored traces take one block
+        tile = chunk_size if chunk_size is not None else (n if trace else auto_tile(n))
         return _schedule(f, params, x1, x2, plan, kind="trace" if trace else "full",
                          trace=trace, forms=forms, memory_budget=memory_budget,
                          chunk_size=chunk_size, tile=tile)
