@@ -214,6 +214,8 @@ def test_schedule_and_probe_indices():
     (["--probes", "100000"], "100000 --probes requested"),
     (["--every", "0"], "every must be a positive"),
     (["--taus", ""], "the tau list is empty"),
+    (["--memory-budget", "1k"], "below what the experiment keeps resident"),
+    (["--memory-budget", "0.2G"], "is too small for drift"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, extra, match):
     assert main(_argv(tmp_path, *extra)) == 2

@@ -161,7 +161,8 @@ def schedule(plan: Plan, n: int, *, kind: str, memory_budget: int | None,
             k = min(max(1, (units - s) // s) * s, h)
             held = k + s
         tt = t   # outputs: the largest sample tile whose contraction fits beside the factors
-        while not stored and tt > 1 and avail - fixed - held * per_unit - con(tt, k, s) < trans(1, k):
+        room = avail - fixed - held * per_unit
+        while not stored and tt > 1 and room - con(tt, k, s) < trans(1, k):
             tt = max(1, tt // 2)
         rest = avail - fixed - held * per_unit - con(tt, k, s)
         sc = min(n, chunk_size or n, int(rest // max(trans(1, k), 1)))

@@ -34,7 +34,7 @@ setting restarts). :func:`report` rebuilds ``drift.md`` and
     hpft drift                                  # scratch, HP0, HP16, HP1024 on digits
     hpft drift --taus 0,4,64 --every 2 --probes 30 --name drift_b
     hpft drift --report-only
-    hpft drift --backbone resnet18 --memory-budget 8G   # factors recomputed per output chunk if needed
+    hpft drift --backbone resnet18 --memory-budget 8G   # recompute factors if needed
 
 ``--memory-budget`` (bytes for the whole process) goes to the eNTK
 scheduler (:mod:`theory.ntk_budget`) after subtracting what the experiment
@@ -73,6 +73,22 @@ TARGET_PROBES = 20  # probe points per setting when ``every`` is not given (cost
 PROBE_SEED = 0  # the probe samples are the same for every setting and seed
 
 
+def memory_size(text: str) -> int:
+    """'8e9', '8G', '8GB', '7.5GiB', '500M' -> bytes (G = 10⁹, GiB = 2³⁰)."""
+    t = str(text).strip().upper().replace(" ", "")
+    t = t[:-1] if t.endswith("B") and not t.endswith("IB") else t
+    num = t.rstrip("KMGTIB")
+    unit = t[len(num):]
+    try:
+        value = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"a memory size must look like 8e9, 8G, 7.5GiB or 500M; "
+                         f"got {text!r}") from None
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"a memory size must be at least 1 byte; got {text!r}")
+    return int(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class DriftConfig:
     """``hpft drift``; ``sweep`` supplies data, model, pretraining, HP, FT, seeds.
@@ -92,7 +108,7 @@ class DriftConfig:
     memory_budget: int | None = option(
         None, "bytes for the whole process, e.g. 8G (= 8e9) or 7.5GiB; the eNTK probe "
         "recomputes output-chunk factors when stored ones do not fit (default None: no limit)",
-        parse=lambda text: parse_bytes(text))
+        parse=memory_size)
 
     def __post_init__(self):
         if isinstance(self.probes, bool) or int(self.probes) != self.probes or self.probes < 1:
@@ -109,22 +125,6 @@ class DriftConfig:
         if self.sweep.ls_eta is not None:
             raise ValueError("hpft drift runs no lsHP: ls_eta must be None "
                              f"(remove --ls-eta); got {self.sweep.ls_eta}")
-
-
-def parse_bytes(text: str) -> int:
-    """'8e9', '8G', '8GB', '7.5GiB', '500M' -> bytes (G = 10⁹, GiB = 2³⁰)."""
-    t = str(text).strip().upper().replace(" ", "")
-    t = t[:-1] if t.endswith("B") and not t.endswith("IB") else t
-    num = t.rstrip("KMGTIB")
-    unit = t[len(num):]
-    try:
-        value = float(num) * _UNITS[unit]
-    except (ValueError, KeyError):
-        raise ValueError(f"a memory size must look like 8e9, 8G, 7.5GiB or 500M; "
-                         f"got {text!r}") from None
-    if not math.isfinite(value) or value < 1:
-        raise ValueError(f"a memory size must be at least 1 byte; got {text!r}")
-    return int(value)
 
 
 def _tree_bytes(tree) -> int:
@@ -415,7 +415,8 @@ def check(cfg: DriftConfig, loaded: prepare.Loaded) -> None:
         stats = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), stats)  # small; f closes over it
         f = lambda p, x, s: loaded.model.backbone.apply(  # noqa: E731
             steps.variables(p, s), x, train=False)
-        make_drift_fn(f, jnp.asarray(loaded.ds.train.x[idx]), memory_budget=budget).plan(bb, stats)
+        x_probe = jnp.asarray(loaded.ds.train.x[idx])
+        make_drift_fn(f, x_probe, memory_budget=budget).plan(bb, stats)
 
 
 def run(cfg: DriftConfig, run: RunDir, loaded: prepare.Loaded, *, progress: bool = True,
@@ -452,7 +453,8 @@ def run(cfg: DriftConfig, run: RunDir, loaded: prepare.Loaded, *, progress: bool
                         mesh=prep.mesh, on_probe=hook, progress=progress,
                         desc=f"drift {s.name} seed={seed}")
         res.pop("final_state")
-        sched = progs.schedule(*backbone_of(params, stats))
+        sched = (None if cfg.memory_budget is None
+                 else progs.schedule(*backbone_of(params, stats)))
         run.log("drift", setting=s.name, label=s.label, tau=s.tau, seed=seed,
                 memory_budget=cfg.memory_budget, probe_schedule=sched,
                 epochs=sw.ft.epochs, total_steps=progs.total_steps,
