@@ -101,9 +101,10 @@ def _budget_for(f, params, x, units, *, kind, sets=1, trace=False):
     u = ntk_budget.unit_bytes(plan)
     n, h = x.shape[0], plan.h
     out = {"trace": n * n, "full": n * n * h * h, "drift": 3 * n * n}[kind] * 4
+    copies = ntk_budget.DRIFT_HELD_COPIES if kind == "drift" else ntk_budget.HELD_COPIES
     return int(ntk_budget.RUNTIME_BYTES + out + units * u["transient_unit"]
                + u["forward_sample"]
-               + sets * n * (u["sample"] + ntk_budget.HELD_COPIES * units * u["unit"])
+               + sets * n * (u["sample"] + copies * units * u["unit"])
                + ntk_budget.contract_bytes(plan, n, units, units, kind=kind)
                + ntk_budget.PROGRAM_BYTES + u["program"]) + 8
 
