@@ -30,6 +30,9 @@ from benchmarks._timing import timed
 GB = 10**9
 CASES = ["dot", "cnn:full", "cnn:trace", "cnn:trace@3.6", "cnn:full@5.8",
          "resnet18:trace@7", "resnet18:plan"]
+# not in the default list (hours on a 2-core CPU at 50 probes): one drift
+# probe, k_norm and k_gap between two parameter sets, e.g.
+#   --case resnet18:drift@8 --resnet-probes 50 --reps 0
 
 
 def _cnn():
@@ -109,6 +112,20 @@ def child(case: str, reps: int, outdir: str, resnet_probes: int) -> dict:
         out, t = timed(lambda: ntk(params, x), 0)
         res.update(t)
         np.save(os.path.join(outdir, case.replace(":", "_") + ".npy"), np.asarray(out))
+    elif name == "resnet18:drift":      # one drift probe between two parameter sets
+        f, params, x = _resnet(resnet_probes)
+        q = jax.tree.map(lambda a: a * 1.001, params)
+        d = make_drift_fn(f, x, memory_budget=budget)
+        res["plan"] = d.explain(params)
+        p = d.plan(params)
+        tot, sch = p["totals"], p["schedule"]
+        res["schedule"], res["probes"] = sch, resnet_probes
+        # both parameter sets: the factor passes, then full h x h blocks
+        res["macs"] = 2 * (sch["passes"] * tot["factor_macs"] + tot["contract_macs"])
+        mem = d._both.lower(params, q).compile().memory_analysis()
+        res["xla_gb"] = (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / GB
+        out, t = timed(lambda: d(params, q), 0)
+        res.update(t, **{k: float(v) for k, v in out.items()})
     elif name == "resnet18:plan":       # 50 probes: plans only, nothing run
         f, params, x = _resnet(50)
         tr = empirical_ntk_fn(f, trace=True, method="structured", memory_budget=8 * GB)

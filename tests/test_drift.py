@@ -14,6 +14,7 @@ cache through ``pretrain.get_or_train`` (pretraining has its own tests; here
 it would cost most of the time budget).
 """
 
+import argparse
 import json
 import os
 
@@ -26,7 +27,7 @@ from jax.flatten_util import ravel_pytree
 from hpft_jax import config as C, data as data_lib, prepare, pretrain, rng, steps
 from hpft_jax.cli import main
 from hpft_jax.experiments import drift as D
-from hpft_jax.models import MLPBackbone, make_classifier
+from hpft_jax.models import MLPBackbone, make_backbone, make_classifier
 from hpft_jax.runlog import RunDir
 
 WIDTH, DEPTH = 8, 2
@@ -213,8 +214,114 @@ def test_schedule_and_probe_indices():
     (["--probes", "100000"], "100000 --probes requested"),
     (["--every", "0"], "every must be a positive"),
     (["--taus", ""], "the tau list is empty"),
+    (["--memory-budget", "1k"], "below what the experiment keeps resident"),
+    (["--memory-budget", "0.2G"], "is too small for drift"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, extra, match):
     assert main(_argv(tmp_path, *extra)) == 2
     assert match in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "d")
+
+
+# --------------------------------------------------------------------------
+# ResNet18 backbone under --memory-budget (issue 15)
+
+R18 = ["--backbone", "resnet18", "--width", "2", "--no-scratch", "--taus", "0", "--probes", "4",
+       "--every", "3", "--ft-epochs", "1", "--batch-size", "32", "--per-class", "60",
+       "--no-distort", "--quiet", "--no-figures"]
+
+
+def _fake_pretrain_resnet(data_cfg, model_cfg, pre_cfg, source, **_):
+    """Random "pretrained" ResNet variables: He-scaled kernels, BatchNorm
+    statistics that differ from the identity (positive variances)."""
+    model = make_classifier(pretrain.source_model_config(model_cfg), source.num_classes)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), source.train.x[:2]))
+    gen = np.random.default_rng(7)
+
+    def draw(path, s):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['var']"):
+            return gen.uniform(0.5, 1.5, s.shape).astype(s.dtype)
+        if name.endswith("['kernel']"):
+            return (gen.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
+        return ((name.endswith("['scale']")) + 0.1 * gen.normal(size=s.shape)).astype(s.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes), {}
+
+
+def _r18_budget(runs):
+    """A --memory-budget under which the probe holds output chunks of 2 (not
+    all h): resident bytes (from probe_budget) + the scheduler's own need."""
+    from tests.test_ntk_conv import _budget_for
+
+    ap = argparse.ArgumentParser()
+    D.EXPERIMENT.add_arguments(ap)
+    cfg = D.EXPERIMENT.config_from_args(ap.parse_args(["--runs-dir", str(runs), "--name", "r",
+                                                       *R18]))
+    loaded = prepare.load(cfg.sweep)
+    big = 10**13
+    resident = big - D.probe_budget(D.DriftConfig(sweep=cfg.sweep, memory_budget=big), loaded)
+    shapes = jax.eval_shape(lambda: loaded.model.init(jax.random.key(0), loaded.x_example(),
+                                                      train=False))
+    bb, st = D.backbone_of(shapes["params"], shapes["batch_stats"])
+    st = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), st)
+    f = lambda p, x: loaded.model.backbone.apply({"params": p, "batch_stats": st}, x,  # noqa
+                                                 train=False)
+    idx = rng.probe_indices(loaded.num_train, 4, seed=D.PROBE_SEED)
+    x = jnp.asarray(loaded.ds.train.x[idx])
+    return resident + _budget_for(f, bb, x, 2, kind="drift", sets=2), x
+
+
+@pytest.mark.slow
+def test_resnet18_drift_under_memory_budget_matches_jacrev(tmp_path):
+    """``hpft drift --backbone resnet18 --memory-budget B``: output chunks
+    recomputed with each state's BatchNorm statistics; k_norm and k_gap
+    equal float64 explicit-Jacobian products."""
+    budget, x = _r18_budget(tmp_path)
+    seen = {}
+    real = D.drift_run
+
+    def capturing(*a, **k):
+        return real(*a, **{**k, "on_probe": lambda t, s0, s1: seen.__setitem__(t, (s0, s1))})
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pretrain, "train", _fake_pretrain_resnet)
+        mp.setattr(D, "drift_run", capturing)
+        assert main(["drift", "--runs-dir", str(tmp_path), "--name", "r", *R18,
+                     "--memory-budget", str(budget)]) == 0
+    (r,) = RunDir(str(tmp_path / "r")).records("drift")
+    sched = r["probe_schedule"]
+    assert r["memory_budget"] == budget
+    assert sched["mode"] == "outputs" and sched["k"] < 16 and sched["passes"] > 1
+    bb = make_backbone("resnet18", width=2, dtype=jnp.float64)
+    for i, t in enumerate(r["steps"]):
+        a, b = seen[t]
+        moved = max(np.abs(p - q).max() for p, q in zip(
+            jax.tree.leaves(a.batch_stats), jax.tree.leaves(b.batch_stats)))
+        assert moved > 1e-4       # each state needs its own statistics
+        kt, kn, gap = _r18_reference(bb, a, b, x)
+        np.testing.assert_allclose(r["k_norm"][i], kt, rtol=2e-5)
+        np.testing.assert_allclose(r["k_norm_next"][i], kn, rtol=2e-5)
+        np.testing.assert_allclose(r["k_gap"][i], gap, rtol=1e-3, atol=1e-5 * kt)
+    with open(tmp_path / "r" / "drift.md") as f:
+        assert f"output panels of {sched['k']} and streams" in f.read()
+
+
+def _r18_reference(bb, a, b, x):
+    """(k_norm_t, k_norm_next, k_gap), float64 jacrev of the batched backbone
+    (eval mode, each state's statistics), every J_i J_jᵀ block in numpy."""
+    @jax.jit
+    def jac(params, stats):
+        flat, unravel = ravel_pytree(params)
+        g = lambda th: bb.apply({"params": unravel(th), "batch_stats": stats},  # noqa: E731
+                                jnp.asarray(x, jnp.float64), train=False)
+        return jax.jacrev(g)(flat)
+
+    f64 = lambda t: jax.tree.map(lambda v: np.asarray(v, np.float64), t)  # noqa: E731
+    with jax.enable_x64(True):
+        jt, jn = (np.asarray(jac(f64(s.params["backbone"]), f64(s.batch_stats["backbone"])))
+                  for s in (a, b))
+    kt = np.einsum("icp,jdp->ijcd", jt, jt)
+    kn = np.einsum("icp,jdp->ijcd", jn, jn)
+    fro = lambda k: np.sqrt((k ** 2).sum(axis=(2, 3))).mean()  # noqa: E731
+    return fro(kt), fro(kn), fro(kn - kt)

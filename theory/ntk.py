@@ -290,7 +290,8 @@ def empirical_ntk_fn(f: Callable, *, trace: bool = False, chunk_size: int | None
 
     def structured_schedule(params, x1, x2, plan):
         n = max(x1.shape[0], 0 if x2 is None else x2.shape[0])
-        tile = chunk_size if chunk_size is not None else auto_tile(n)
+        # what core() contracts with: stored traces take one block
+        tile = chunk_size if chunk_size is not None else (n if trace else auto_tile(n))
         return _schedule(f, params, x1, x2, plan, kind="trace" if trace else "full",
                          trace=trace, forms=forms, memory_budget=memory_budget,
                          chunk_size=chunk_size, tile=tile)
@@ -329,27 +330,36 @@ def _precision(p):
 class NTKDrift:
     """eNTK drift on a fixed probe set (Fig. 6), from per-sample factors.
 
-    ``drift(params_t, params_next) -> {"k_norm", "k_norm_next", "k_gap"}``
-    (scalars: means over the N² probe pairs of ‖κ_t‖_F, ‖κ_next‖_F and
-    ‖κ_next − κ_t‖_F). ``factors(params)`` and ``from_factors(F_t, F_next)``
-    split it so a loop can reuse the factors of the previous probe. All three
-    are jitted; nothing of size N²h² is ever held.
+    ``drift(params_t, params_next, state_t=None, state_next=None) ->
+    {"k_norm", "k_norm_next", "k_gap"}`` (scalars: means over the N² probe
+    pairs of ‖κ_t‖_F, ‖κ_next‖_F and ‖κ_next − κ_t‖_F). ``state`` is an
+    extra input of ``f`` that is not differentiated (BatchNorm statistics):
+    with it, ``f(params, x, state)``. ``factors(params, state=None)`` and
+    ``from_factors(F_t, F_next)`` split it so a loop can reuse the factors
+    of the previous probe. All three are jitted; nothing of size N²h² is
+    ever held.
 
     When the factors do not fit ``memory_budget`` (``schedule.mode ==
-    "outputs"``), ``factors`` returns the params unchanged and
-    ``from_factors`` recomputes output-chunk factors tile by tile
-    (:func:`theory.ntk_budget.drift`), so loops written against the split
-    API still work. ``plan()`` / ``explain()`` say what was chosen.
+    "outputs"``), ``factors`` returns ``(params, state)`` unchanged and
+    ``from_factors`` recomputes output-chunk factors tile by tile, each
+    parameter set with its own state (:func:`theory.ntk_budget.drift`), so
+    loops written against the split API still work. ``plan()`` /
+    ``explain()`` say what was chosen.
     """
 
-    factors: Callable[[Any], Factors]
-    from_factors: Callable[[Factors, Factors], dict]
-    _both: Callable[[Any, Any], dict]
-    plan: Callable[[Any], dict] = None
-    explain: Callable[[Any], str] = None
+    factors: Callable[..., Any]
+    from_factors: Callable[[Any, Any], dict]
+    _both: Callable[..., dict]
+    plan: Callable[..., dict] = None
+    explain: Callable[..., str] = None
 
-    def __call__(self, params_t, params_next) -> dict:
-        return self._both(params_t, params_next)
+    def __call__(self, params_t, params_next, state_t=None, state_next=None) -> dict:
+        return self._both(params_t, params_next, state_t, state_next)
+
+
+def _bind(f: Callable, state) -> Callable:
+    """``f(params, x)``, with ``state`` as f's third argument when given."""
+    return f if state is None else (lambda p, x: f(p, x, state))
 
 
 def make_drift_fn(f: Callable, x_probe, *, chunk_size: int | None = None,
@@ -364,7 +374,10 @@ def make_drift_fn(f: Callable, x_probe, *, chunk_size: int | None = None,
     transient is a few (t, t, h, h) tiles. out_chunk_size: as in
     :func:`empirical_ntk_fn`. forms, memory_budget: as there; with a budget
     the factors of both parameter sets are stored when they fit, otherwise
-    recomputed per output chunk (see :class:`NTKDrift`).
+    recomputed per output chunk (see :class:`NTKDrift`). A ``state``
+    passed to the drift functions (BatchNorm statistics of each parameter
+    set) is f's third argument, ``f(params, x, state)``, and is not
+    differentiated.
     """
     _check_options(f, False, chunk_size, out_chunk_size, "structured", matmul_precision)
     _check_int("memory_budget", memory_budget)
@@ -372,20 +385,21 @@ def make_drift_fn(f: Callable, x_probe, *, chunk_size: int | None = None,
     x_probe = jnp.asarray(x_probe)
     tile = auto_tile(x_probe.shape[0]) if chunk_size is None else chunk_size
 
-    def plan_of(params):
+    def plan_of(params, state=None):
+        g = _bind(f, state)
         with _precision(matmul_precision):
-            _out_dim(f, params, x_probe)
-            plan = _plan(f, params, x_probe, forms=forms)
-            return plan, _schedule(f, params, x_probe, None, plan, kind="drift",
+            _out_dim(g, params, x_probe)
+            plan = _plan(g, params, x_probe, forms=forms)
+            return plan, _schedule(g, params, x_probe, None, plan, kind="drift",
                                    trace=False, forms=forms, memory_budget=memory_budget,
                                    chunk_size=chunk_size, tile=tile)
 
-    def factors(params):
-        plan, sched = plan_of(params)
+    def factors(params, state=None):
+        plan, sched = plan_of(params, state)
         if sched.mode == "outputs":
-            return params
+            return params, state
         with _precision(matmul_precision):
-            return _structured_factors(f, params, x_probe, plan,
+            return _structured_factors(_bind(f, state), params, x_probe, plan,
                                        chunk_size=sched.sample_chunk,
                                        out_chunk_size=out_chunk_size)
 
@@ -393,19 +407,21 @@ def make_drift_fn(f: Callable, x_probe, *, chunk_size: int | None = None,
         if isinstance(ft, Factors):
             with _precision(matmul_precision):
                 return ntk_contract.drift(ft, fn, chunk_size=tile)
-        plan, sched = plan_of(ft)
+        (pt, st), (pn, sn) = ft, fn
+        plan, sched = plan_of(pt, st)
         with _precision(matmul_precision):
-            return ntk_budget.drift(plan, f, ft, fn, x_probe, sched, _dtype(ft))
+            return ntk_budget.drift(plan, _bind(f, st), pt, pn, x_probe, sched, _dtype(pt),
+                                    f_next=_bind(f, sn))
 
-    def both(pt, pn):
-        return from_factors(factors(pt), factors(pn))
+    def both(pt, pn, st=None, sn=None):
+        return from_factors(factors(pt, st), factors(pn, sn))
 
-    def report(params):
-        plan, sched = plan_of(params)
+    def report(params, state=None):
+        plan, sched = plan_of(params, state)
         return describe(plan, sched, x_probe.shape[0], trace=False)
 
     return NTKDrift(jax.jit(factors), jax.jit(from_factors), jax.jit(both), report,
-                    lambda params: explain(report(params)))
+                    lambda params, state=None: explain(report(params, state)))
 
 
 def ntk_drift(f: Callable, params_seq: Sequence[Any], x_probe, **kwargs) -> dict:

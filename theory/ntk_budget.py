@@ -33,10 +33,17 @@ from theory import ntk_contract
 from theory.ntk_factors import Factors, Plan, batch_factors
 
 RUNTIME_BYTES = 350 * 2**20   # Python + JAX + XLA before any work (measured ~0.3 GB)
+# Small buffers of the compiled program that the formulas below leave out
+# (arguments, identity rows, loop counters, small copies); see
+# tests/test_ntk_conv.py::test_estimate_bounds_xla_buffers.
+PROGRAM_BYTES = 4 * 2**20
 # Held factors are counted twice: ResNet18 traces (10 probes, k = 112) peaked
 # at ~9.6 GB where one copy was estimated at 5.6 GiB (lax.map's stacked output
 # and XLA's temporaries around it). Not yet profiled further.
 HELD_COPIES = 2
+# Drift in output chunks holds a third: ResNet18, 50 probes, k = 15, s = 3
+# compiled to 7.27 GiB of XLA temporaries where two copies estimated 6.95.
+DRIFT_HELD_COPIES = 3
 
 
 # --------------------------------------------------------------------------
@@ -57,10 +64,37 @@ def unit_bytes(plan: Plan, itemsize: int = 4) -> dict:
     # (+ one unit row: J is concatenated from the per-layer Jacobians)
     trans = 3 * acts + 2 * sum(l.fan_in * l.features for l in plan.layers
                                if l.form == "jac") + unit
+    # each conv's patches come from a conv with an identity kernel (K_in², a
+    # constant of the program): ~0.36 GB for ResNet18 at full width
+    eyes = sum((l.fan_in - (l.bias is not None)) ** 2 for l in plan.layers
+               if l.kind == "conv")
     return {"unit": unit * itemsize, "sample": fixed * itemsize,
+            "program": eyes * itemsize,
             "transient_unit": trans * itemsize,
             "forward_sample": 3 * sum(l.n_pos * max(l.fan_in, l.features)
                                       for l in plan.layers) * itemsize}
+
+
+def contract_bytes(plan: Plan, t: int, k1: int, k2: int, *, kind: str,
+                   itemsize: int = 4) -> int:
+    """Transient bytes of one t × t sample-tile contraction
+    (:func:`theory.ntk_contract.pair_block`) with k1 and k2 outputs per side.
+
+    Layers are contracted one after another, so the largest gram-form layer
+    counts: its position Gram M (t², P²), the product with the cotangents
+    (t², P²) for traces or (t², P, k2, c_out) for blocks, and transposed G
+    tiles; plus the block accumulators (drift: κ_t, κ_next, their difference
+    and squares).
+    """
+    peak = 0
+    for l in plan.layers:
+        if l.form != "gram" or l.n_pos == 1:
+            continue
+        P, c = l.n_pos, l.features
+        prod = P * P if kind == "trace" else P * k2 * c
+        peak = max(peak, t * t * (P * P + prod) + t * (k1 + k2) * P * c)
+    acc = t * t * (1 if kind == "trace" else k1 * k2)
+    return int((peak + (5 if kind == "drift" else 2) * acc) * itemsize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,17 +137,20 @@ def schedule(plan: Plan, n: int, *, kind: str, memory_budget: int | None,
     stored = sets * n * (h * u["unit"] + u["sample"])
     cap_ok = cap_unit_bytes is None or h * u["unit"] <= cap_unit_bytes
     trans = lambda sc, k: sc * (k * u["transient_unit"] + u["forward_sample"])  # noqa: E731
+    con = lambda t, k, s: (PROGRAM_BYTES + u["program"]  # noqa: E731
+                           + contract_bytes(plan, t, k, s, kind=kind, itemsize=itemsize))
     if memory_budget is None:
         if cap_ok:
             return Schedule("stored", h, h, h, chunk_size, t, 1.0, RUNTIME_BYTES
-                            + stored + out_bytes + trans(chunk_size or n, h))
+                            + stored + out_bytes + trans(chunk_size or n, h) + con(t, h, h))
         k = max(1, min(h, cap_unit_bytes // u["unit"]))
         sched = _outputs(kind, k, k, h, chunk_size, t, n, sets, u, out_bytes)
         return dataclasses.replace(sched, est_bytes=sched.est_bytes
-                                   + trans(chunk_size or n, k))
+                                   + trans(chunk_size or n, k) + con(t, k, k))
     avail = memory_budget - RUNTIME_BYTES - out_bytes
     fixed = sets * n * u["sample"]
     per_unit = HELD_COPIES * sets * n * u["unit"]
+    per_stream = (DRIFT_HELD_COPIES if kind == "drift" else HELD_COPIES) * sets * n * u["unit"]
     top = h if cap_ok else max(1, min(h, cap_unit_bytes // u["unit"]))
     # The most outputs held at once whose factors plus one backward batch fit.
     for units in range(top, 0, -1):
@@ -127,16 +164,22 @@ def schedule(plan: Plan, n: int, *, kind: str, memory_budget: int | None,
             s = max(1, units // 5)
             k = min(max(1, (units - s) // s) * s, h)
             held = k + s
-        rest = avail - fixed - held * per_unit
+        tt = t   # outputs: the largest sample tile whose contraction fits beside the factors
+        pu = per_stream if not stored else per_unit
+        room = avail - fixed - held * pu
+        while not stored and tt > 1 and room - con(tt, k, s) < trans(1, k):
+            tt = max(1, tt // 2)
+        rest = avail - fixed - held * pu - con(tt, k, s)
         sc = min(n, chunk_size or n, int(rest // max(trans(1, k), 1)))
         if sc < 1 or rest < trans(sc, k):
             continue
-        est = int(RUNTIME_BYTES + out_bytes + fixed + held * per_unit + trans(sc, k))
+        est = int(RUNTIME_BYTES + out_bytes + fixed + held * pu + trans(sc, k)
+                  + con(tt, k, s))
         if stored:
-            return Schedule("stored", h, h, h, sc, t, 1.0, est)
-        return dataclasses.replace(_outputs(kind, k, s, h, sc, t, n, sets, u, out_bytes),
+            return Schedule("stored", h, h, h, sc, tt, 1.0, est)
+        return dataclasses.replace(_outputs(kind, k, s, h, sc, tt, n, sets, u, out_bytes),
                                    est_bytes=est)
-    need = RUNTIME_BYTES + out_bytes + fixed + 2 * per_unit + trans(1, 1)
+    need = RUNTIME_BYTES + out_bytes + fixed + 2 * per_stream + trans(1, 1) + con(1, 1, 1)
     raise ValueError(f"memory_budget={memory_budget} B is too small for "
                      f"{kind} here; need at least ~{int(need)} B")
 
@@ -207,9 +250,13 @@ def _sq_blocks(ct: Factors, dt: Factors, cn: Factors, dn: Factors, t: int) -> ja
     return out.reshape(3, nb * t, nb * t)[:, :n, :n]
 
 
-def drift(plan: Plan, f, pt, pn, x, sched: Schedule, dtype) -> dict:
+def drift(plan: Plan, f, pt, pn, x, sched: Schedule, dtype, *, f_next=None) -> dict:
     """k_norm, k_norm_next, k_gap (means over the n² pairs of Frobenius norms),
-    from output panels of k and stream chunks of s, recomputed as needed."""
+    from output panels of k and stream chunks of s, recomputed as needed.
+
+    ``f`` evaluates ``pt``; ``f_next`` (default ``f``) evaluates ``pn``, e.g.
+    the same backbone with the BatchNorm statistics of the next state."""
+    fn_ = f if f_next is None else f_next
     n = x.shape[0]
     k, s, hp = sched.k, sched.s, sched.hp
     nc, r = hp // k, k // s
@@ -221,13 +268,13 @@ def drift(plan: Plan, f, pt, pn, x, sched: Schedule, dtype) -> dict:
     def panel(a, acc):
         rows_c = _rows(plan.h, hp, a * k, k, dtype)
         ct = _facs(plan, f, pt, x, rows_c, sched.sample_chunk)
-        cn = _facs(plan, f, pn, x, rows_c, sched.sample_chunk)
+        cn = _facs(plan, fn_, pn, x, rows_c, sched.sample_chunk)
         acc = acc + sq3(ct, cn, ct, cn)
 
         def stream(b, acc):
             rows_d = _rows(plan.h, hp, b * s, s, dtype)
             dt = _facs(plan, f, pt, x, rows_d, sched.sample_chunk)
-            dn = _facs(plan, f, pn, x, rows_d, sched.sample_chunk)
+            dn = _facs(plan, fn_, pn, x, rows_d, sched.sample_chunk)
             m = sq3(ct, cn, dt, dn)
             return acc + m + jnp.swapaxes(m, 1, 2)
 

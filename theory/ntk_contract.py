@@ -62,6 +62,8 @@ def pair_block(f1: Factors, f2: Factors, *, trace: bool, layout: str = "ijcd"):
 
 
 def _pad(fac: Factors, n: int) -> Factors:
+    if fac.shape[0] == n:   # no copy of the factors when nothing is padded
+        return fac
     return jax.tree_util.tree_map(
         lambda t: jnp.pad(t, [(0, n - t.shape[0])] + [(0, 0)] * (t.ndim - 1)), fac)
 

@@ -34,6 +34,14 @@ setting restarts). :func:`report` rebuilds ``drift.md`` and
     hpft drift                                  # scratch, HP0, HP16, HP1024 on digits
     hpft drift --taus 0,4,64 --every 2 --probes 30 --name drift_b
     hpft drift --report-only
+    hpft drift --backbone resnet18 --memory-budget 8G   # recompute factors if needed
+
+``--memory-budget`` (bytes for the whole process) goes to the eNTK
+scheduler (:mod:`theory.ntk_budget`) after subtracting what the experiment
+keeps resident (the data, host and device copies, and the FT state): the
+probe then stores both states' per-sample factors when they fit, and
+otherwise recomputes output-chunk factors tile by tile, each state with its
+own BatchNorm statistics.
 """
 
 from __future__ import annotations
@@ -59,8 +67,26 @@ from theory.ntk import make_drift_fn
 
 Tree = Any
 DEFAULT_TAUS = (0, 16, 1024)
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 TARGET_PROBES = 20  # probe points per setting when ``every`` is not given (cost: see docs)
 PROBE_SEED = 0  # the probe samples are the same for every setting and seed
+
+
+def memory_size(text: str) -> int:
+    """'8e9', '8G', '8GB', '7.5GiB', '500M' -> bytes (G = 10⁹, GiB = 2³⁰)."""
+    t = str(text).strip().upper().replace(" ", "")
+    t = t[:-1] if t.endswith("B") and not t.endswith("IB") else t
+    num = t.rstrip("KMGTIB")
+    unit = t[len(num):]
+    try:
+        value = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"a memory size must look like 8e9, 8G, 7.5GiB or 500M; "
+                         f"got {text!r}") from None
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"a memory size must be at least 1 byte; got {text!r}")
+    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +105,10 @@ class DriftConfig:
     every: int | None = option(
         None, f"probe every this many FT steps (default None: about {TARGET_PROBES} probe "
         "points per run); the FT length is --ft-epochs")
+    memory_budget: int | None = option(
+        None, "bytes for the whole process, e.g. 8G (= 8e9) or 7.5GiB; the eNTK probe "
+        "recomputes output-chunk factors when stored ones do not fit (default None: no limit)",
+        parse=memory_size)
 
     def __post_init__(self):
         if isinstance(self.probes, bool) or int(self.probes) != self.probes or self.probes < 1:
@@ -87,9 +117,36 @@ class DriftConfig:
                                        or int(self.every) != self.every or self.every < 1):
             raise ValueError(f"every must be a positive integer (FT steps between probes) "
                              f"or None; got {self.every!r}")
+        if self.memory_budget is not None and (
+                isinstance(self.memory_budget, bool) or int(self.memory_budget)
+                != self.memory_budget or self.memory_budget < 1):
+            raise ValueError(f"memory_budget must be a positive number of bytes or None; "
+                             f"got {self.memory_budget!r}")
         if self.sweep.ls_eta is not None:
             raise ValueError("hpft drift runs no lsHP: ls_eta must be None "
                              f"(remove --ls-eta); got {self.sweep.ls_eta}")
+
+
+def _tree_bytes(tree) -> int:
+    return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize
+                   for a in jax.tree_util.tree_leaves(tree)))
+
+
+def probe_budget(cfg: "DriftConfig", loaded: prepare.Loaded) -> int | None:
+    """Bytes left for the eNTK probe out of ``cfg.memory_budget``: minus the
+    data (host and device copies) and the FT state (parameters, BatchNorm
+    statistics, momentum, and the step's new state). None: no limit."""
+    if cfg.memory_budget is None:
+        return None
+    shapes = jax.eval_shape(lambda: loaded.model.init(jax.random.key(0), loaded.x_example(),
+                                                      train=False))
+    data = sum(a.nbytes for a in prepare.split_arrays(loaded.ds).values())
+    resident = 2 * data + 3 * _tree_bytes(shapes)
+    left = cfg.memory_budget - resident
+    if left <= 0:
+        raise ValueError(f"--memory-budget {cfg.memory_budget} B is below what the experiment "
+                         f"keeps resident (data and FT state: {resident} B)")
+    return left
 
 
 class Setting(NamedTuple):
@@ -156,6 +213,9 @@ class Programs(NamedTuple):
       k_norm_next, k_gap}`` (:class:`theory.ntk.NTKDrift`).
     * ``evaluate(params, stats, data) -> {train_acc, train_loss, aie,
       val_acc, test_acc}``: eval mode, unaugmented (NaN for an empty split).
+    * ``schedule(bb_params, bb_stats)``: the probe's chunk schedule (a dict:
+      mode "stored" or "outputs", panel k, stream s, factor passes, the
+      estimated peak bytes; :class:`theory.ntk_budget.Schedule`).
     """
 
     ft: ft.FTSteps
@@ -163,6 +223,7 @@ class Programs(NamedTuple):
     factors: _AOT
     from_factors: _AOT
     evaluate: _AOT
+    schedule: Callable[[Tree, Tree], dict]
 
     @property
     def tx(self):
@@ -187,24 +248,31 @@ def backbone_of(params: Tree, batch_stats: Tree) -> tuple[Tree, Tree]:
 
 
 def make_programs(model, ft_cfg, *, num_classes: int, num_train: int, x_probe, mesh=None,
-                  augment: str = "none") -> Programs:
+                  augment: str = "none", memory_budget: int | None = None) -> Programs:
     """Build (not yet compile) the FT and probe programs; see :class:`Programs`.
 
     x_probe: (N, ...) probe inputs. A run is ``ft_cfg.epochs`` epochs, which
-    is also the cosine schedule's horizon (as in the sweep).
+    is also the cosine schedule's horizon (as in the sweep). memory_budget:
+    bytes for the probe (:func:`probe_budget`), passed to
+    :func:`theory.ntk.make_drift_fn`.
     """
     ft_steps = ft.make_ft_steps(model, ft_cfg, num_classes=num_classes, num_train=num_train,
                                 mesh=mesh, augment=augment)
     x_probe = jnp.asarray(x_probe)
 
-    def backbone_fn(bb_stats):
-        return lambda p, x: model.backbone.apply(steps.variables(p, bb_stats), x, train=False)
+    def backbone_fn(p, x, bb_stats):
+        return model.backbone.apply(steps.variables(p, bb_stats), x, train=False)
 
     # BatchNorm statistics change during FT but are not differentiated: they
-    # enter f by closure, inside this jit (so one program serves every probe).
-    # x_probe is an argument too: make_drift_fn checks concrete inputs eagerly.
-    factors = jax.jit(lambda p, s, xp: make_drift_fn(backbone_fn(s), xp).factors(p))
-    from_factors = make_drift_fn(backbone_fn({}), x_probe).from_factors
+    # are f's third argument (one program serves every probe). Under a memory
+    # budget that the factors do not fit, ``factors`` returns (params, stats)
+    # and ``from_factors`` recomputes output chunks of each state with its
+    # own statistics. x_probe is an argument, not a constant of the programs.
+    def drift_fn(xp):
+        return make_drift_fn(backbone_fn, xp, memory_budget=memory_budget)
+
+    factors = jax.jit(lambda p, s, xp: drift_fn(xp).factors(p, s))
+    from_factors = jax.jit(lambda ft, fn, xp: drift_fn(xp).from_factors(ft, fn))
 
     task = tasks.of(model)
 
@@ -221,8 +289,11 @@ def make_programs(model, ft_cfg, *, num_classes: int, num_train: int, x_probe, m
                                    if xs.shape[0] else jnp.float32(jnp.nan))
         return out
 
-    return Programs(ft_steps, _AOT(ft_steps.run), _AOT(factors, x_probe), _AOT(from_factors),
-                    _AOT(jax.jit(evaluate)))
+    def schedule(bb_params, bb_stats):
+        return drift_fn(x_probe).plan(bb_params, bb_stats)["schedule"]
+
+    return Programs(ft_steps, _AOT(ft_steps.run), _AOT(factors, x_probe),
+                    _AOT(from_factors, x_probe), _AOT(jax.jit(evaluate)), schedule)
 
 
 # --------------------------------------------------------------------------
@@ -283,8 +354,11 @@ def drift_run(progs: Programs, params: Tree, batch_stats: Tree, data: dict, key,
             raise errors.NonFiniteLossError(
                 f"{desc}: the training loss is not finite at FT step {t}; lower the FT lr")
         before = jax.device_get(state) if on_probe is not None else None
-        f_t = cached[1] if cached is not None and cached[0] == t else clock(
+        if cached is not None and cached[0] != t:
+            cached = None   # free the stale factors first: two sets at most are held
+        f_t = cached[1] if cached is not None else clock(
             "factors", lambda: progs.factors(*backbone_of(state.params, state.batch_stats)))
+        cached = None
         state, m = clock("train", lambda: progs.run(state, x, y, key, i32(t), i32(t + 1)))
         m = jax.device_get(m)
         cur = t + 1
@@ -330,8 +404,19 @@ def drift_run(progs: Programs, params: Tree, batch_stats: Tree, data: dict, key,
 
 
 def check(cfg: DriftConfig, loaded: prepare.Loaded) -> None:
-    """The probe count must fit the downstream training set."""
-    probe_indices(loaded.num_train, cfg.probes, seed=PROBE_SEED, what="--probes")
+    """The probe count must fit the downstream training set, and the probe
+    must fit ``--memory-budget`` (the scheduler says so from shapes alone)."""
+    idx = probe_indices(loaded.num_train, cfg.probes, seed=PROBE_SEED, what="--probes")
+    budget = probe_budget(cfg, loaded)
+    if budget is not None:
+        shapes = jax.eval_shape(lambda: loaded.model.init(
+            jax.random.key(0), loaded.x_example(), train=False))
+        bb, stats = backbone_of(shapes["params"], shapes.get("batch_stats", {}))
+        stats = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), stats)  # small; f closes over it
+        f = lambda p, x, s: loaded.model.backbone.apply(  # noqa: E731
+            steps.variables(p, s), x, train=False)
+        x_probe = jnp.asarray(loaded.ds.train.x[idx])
+        make_drift_fn(f, x_probe, memory_budget=budget).plan(bb, stats)
 
 
 def run(cfg: DriftConfig, run: RunDir, loaded: prepare.Loaded, *, progress: bool = True,
@@ -353,7 +438,7 @@ def run(cfg: DriftConfig, run: RunDir, loaded: prepare.Loaded, *, progress: bool
     parallel.check_divisible(sw.ft.batch_size, prep.mesh, what="FT")
     progs = make_programs(model, sw.ft, num_classes=loaded.num_classes,
                           num_train=loaded.num_train, x_probe=ds.train.x[idx], mesh=prep.mesh,
-                          augment=sw.data.augment)
+                          augment=sw.data.augment, memory_budget=probe_budget(cfg, loaded))
     every = resolve_every(cfg.every, progs.total_steps)
     dev = parallel.put_replicated({k: jnp.asarray(v) for k, v in prep.arrays().items()},
                                   prep.mesh)
@@ -368,7 +453,10 @@ def run(cfg: DriftConfig, run: RunDir, loaded: prepare.Loaded, *, progress: bool
                         mesh=prep.mesh, on_probe=hook, progress=progress,
                         desc=f"drift {s.name} seed={seed}")
         res.pop("final_state")
+        sched = (None if cfg.memory_budget is None
+                 else progs.schedule(*backbone_of(params, stats)))
         run.log("drift", setting=s.name, label=s.label, tau=s.tau, seed=seed,
+                memory_budget=cfg.memory_budget, probe_schedule=sched,
                 epochs=sw.ft.epochs, total_steps=progs.total_steps,
                 steps_per_epoch=progs.num_batches, every=every, probes=cfg.probes,
                 probe_idx=idx, **res)
@@ -431,6 +519,21 @@ def timing_summary(recs: list[dict]) -> str:
             f"one probe {each:.3f} s = {each / step:.0f} FT steps of {1e3 * step:.2f} ms")
 
 
+def schedule_lines(recs: list[dict]) -> list[str]:
+    """How the probe was chunked (records from before --memory-budget: none)."""
+    r = next((r for r in recs if r.get("probe_schedule")), None)
+    if r is None:
+        return []
+    s = r["probe_schedule"]
+    budget = ("no memory budget" if r.get("memory_budget") is None
+              else f"--memory-budget {r['memory_budget'] / 1e9:.3g} GB")
+    how = ("per-sample factors of both states stored" if s["mode"] == "stored" else
+           f"output panels of {s['k']} and streams of {s['s']} recomputed, "
+           f"{s['passes']:.2f} factor passes per state")
+    return [f"eNTK probe ({budget}): {how}; estimated peak of the probe "
+            f"{s['est_bytes'] / 1e9:.2f} GB."]
+
+
 def figure(run, recs: list[dict]) -> str:
     """``figures/drift.png`` over FT steps: train accuracy, k_norm, k_gap (the
     three panels of Fig. 6) and k_gap / k_norm."""
@@ -479,7 +582,7 @@ def report(run: RunDir, *, figures: bool = True) -> tuple[list[str], list[str]]:
         "## Cost of the probe",
         timing_table(recs),
         timing_summary(recs),
-    ]
+    ] + schedule_lines(recs)
     return parts, [figure(run, recs)] if figures else []
 
 
