@@ -232,9 +232,6 @@ def _stream_program(model, ft_cfg, num_classes: int, num_train: int, mesh,
                 donate_argnums=0))
 
 
-EVAL_CHUNK = 512  # rows per eval chunk, as steps.predict's default
-
-
 def _stream_eval(prog: StreamProgram, state, frozen, x, y, *, num_runs: int, chunk: int,
                  mesh):
     """Logits (R, N, ...) of host ``x`` in chunks (each process reading only
@@ -392,7 +389,7 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     ``input["input"] == "stream"`` the data stay on the host and every
     batch is gathered there and prefetched (:mod:`hpft_jax.stream`): the
     same steps on the same examples as the on-device path, evaluation in
-    chunks of :data:`EVAL_CHUNK` rows.
+    chunks of :data:`hpft_jax.steps.EVAL_CHUNK` rows.
 
     Returns the per-run results and the final (best) variables, stacked
     over runs.
@@ -431,7 +428,7 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
     # Energy and z_0 at the start of FT, eval mode, unaugmented inputs.
     if streamed:  # no per-location maps (adapt_dense) on the streamed path
         ax, ay = adapt_x, adapt_y
-        feats = _stream_features_program(model, EVAL_CHUNK, mesh)
+        feats = _stream_features_program(model, steps.EVAL_CHUNK, mesh)
     else:
         ax, ay = parallel.put_replicated((jnp.asarray(adapt_x), jnp.asarray(adapt_y)), mesh)
         feats = _features_program(model)
@@ -442,8 +439,8 @@ def finetune(model, ft_cfg, inits: list[tuple[Tree, Tree]], seeds: list[int], da
 
     if streamed:
         fn = functools.partial(_stream_epoch, sprog, batch_size=ft_cfg.batch_size,
-                               sharding=sharding, prefetch=input["prefetch"], chunk=EVAL_CHUNK,
-                               mesh=mesh)
+                               sharding=sharding, prefetch=input["prefetch"],
+                               chunk=steps.EVAL_CHUNK, mesh=mesh)
         dev = data
     else:
         fn = _epoch_program(model, ft_cfg, num_classes, n, mesh, augment)

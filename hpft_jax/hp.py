@@ -128,7 +128,6 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
         model, steps.variables(*fr), xx, method=model.trunk, split=split))
     if streamed:  # features on the host, computed in chunks
         feats = np.asarray(stream.map_chunks(lambda xc: trunk(frozen, xc), train_x,
-                                             chunk=EVAL_CHUNK,
                                              sharding=stream.rows_sharding(mesh)))
         train_inputs, y = (feats if augment == "none" else train_x), np.asarray(train_y)
     else:
@@ -152,9 +151,8 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
         logits, _ = steps.predict(model, full, feats, method=model.top, split=split)
         return _scores(task, logits, y, eta)
 
-    eval_fn = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None)))
-    if streamed:
-        eval_fn = _stream_eval(model, split, feats, y, mesh)
+    eval_fn = (_stream_eval(model, split, feats, y, mesh) if streamed
+               else jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None))))
     taus = list(hp_cfg.taus)
     snapshots: dict[tuple[str, int], tuple[Tree, Tree]] = {}
     records: list[dict] = []
@@ -169,12 +167,13 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
         """HP epochs [start, stop): one program for every stretch between snapshots."""
         return step_range(state, h, yy, key, start * nb, stop * nb, fr, eta)[0]
 
-    run = jax.jit(jax.vmap(epochs, in_axes=(0, None, None, 0, None, None, None, None)),
-                  donate_argnums=0)
     if streamed:
         run = _stream_run(step, train_inputs, y, batch_size=hp_cfg.batch_size, nb=nb,
                           sharding=stream.batch_sharding(mesh, runs=True),
                           prefetch=input["prefetch"])
+    else:
+        run = jax.jit(jax.vmap(epochs, in_axes=(0, None, None, 0, None, None, None, None)),
+                      donate_argnums=0)
     for variant, eta in variants.items():
         eta_arr = jnp.float32(eta)
         # Fresh buffers per variant: ``run`` donates the state, and the vmap
@@ -208,9 +207,6 @@ def probe(model, base_vars: dict, train_x, train_y, hp_cfg, *, seeds, variants: 
                  cache)
 
 
-EVAL_CHUNK = 512  # rows per chunk of the streamed trunk and evaluation (steps.predict's)
-
-
 def _scores(task, logits, y, eta) -> dict:
     loss = task.loss(logits, y, eta)
     return {"acc": task.metric(logits, y), "loss": loss,
@@ -231,7 +227,7 @@ def _stream_eval(model, split: int, feats: np.ndarray, y: np.ndarray, mesh):
     yd = parallel.put_replicated(np.asarray(y), mesh)
 
     def eval_fn(params, stats, fr, eta):
-        out = stream.map_chunks(lambda hc: lg(params, stats, fr, hc), feats, chunk=EVAL_CHUNK,
+        out = stream.map_chunks(lambda hc: lg(params, stats, fr, hc), feats,
                                 sharding=stream.rows_sharding(mesh), axis=1)
         return sc(out, yd, eta)
 

@@ -142,8 +142,8 @@ def input_choices(cfg: config_lib.SweepConfig, ds: data_lib.Dataset) -> dict:
     train = (ds.train.x, ds.train.y)
     every = train + (ds.val.x, ds.val.y, ds.test.x, ds.test.y)
     ex = stream.example_bytes(*train)
-    runs = 1 if not cfg.vmap else (cfg.max_batch_runs or len(plan(cfg)))
-    runs = min(runs, len(plan(cfg)))
+    num_runs = len(plan(cfg))
+    runs = min(cfg.max_batch_runs or num_runs, num_runs) if cfg.vmap else 1
     return {
         "hp": stream.decide(cfg.data.input, cfg.data.data_budget, stream.nbytes(*train),
                             len(cfg.seeds) * cfg.hp.batch_size * ex, what="HP"),

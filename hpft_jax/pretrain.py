@@ -123,7 +123,7 @@ def train(data_cfg, model_cfg, pre_cfg, source, *, mesh=None, progress: bool = T
     metrics = {}
     for name, split in (("train", source.train), ("val", source.val), ("test", source.test)):
         if split.x.shape[0]:
-            logits = (stream.map_chunks(lambda xc: evaluate(out, xc), split.x, chunk=512,
+            logits = (stream.map_chunks(lambda xc: evaluate(out, xc), split.x,
                                         sharding=stream.rows_sharding(mesh))
                       if streamed else evaluate(out, jnp.asarray(split.x)))
             metrics[f"{name}_acc"] = float(tasks.of(model).metric(logits, jnp.asarray(split.y)))

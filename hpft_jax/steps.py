@@ -118,7 +118,10 @@ def _augment_fn(kind: str, model=None) -> Callable | None:
 # Inference
 
 
-def predict(model, vars_: dict, x: jax.Array, *, chunk: int = 512,
+EVAL_CHUNK = 512  # rows per evaluation chunk: predict in a program, stream.map_chunks on the host
+
+
+def predict(model, vars_: dict, x: jax.Array, *, chunk: int = EVAL_CHUNK,
             method: Callable | None = None, **kwargs) -> Any:
     """Eval-mode ``model.apply`` over ``x`` (N, ...) in chunks, inside jit.
 

@@ -202,7 +202,7 @@ def chunks(x, chunk: int, sharding=None) -> Iterator:
         yield jax.make_array_from_process_local_data(sharding, part, shape), real
 
 
-def map_chunks(fn, x, *, chunk: int = 512, sharding=None, axis: int = 0):
+def map_chunks(fn, x, *, chunk: int = steps.EVAL_CHUNK, sharding=None, axis: int = 0):
     """``fn(device chunk)`` over the host array ``x`` in chunks, outputs
     concatenated on device along ``axis`` (a pytree), padding rows dropped.
     With ``sharding`` (see :func:`chunks`) the outputs come back replicated
