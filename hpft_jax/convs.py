@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+from theory.ntk_factors import patches_2d
+
 IMPLS = ("auto", "lax", "patches")
 
 
@@ -42,6 +44,14 @@ def resolve(impl: str, backend: str | None = None) -> str:
     if impl != "auto":
         return impl
     return "patches" if (backend or jax.default_backend()) == "cpu" else "lax"
+
+
+def for_ntk(impl: str, backend: str | None = None):
+    """The ``conv=`` argument of :func:`theory.ntk.empirical_ntk_fn` and
+    ``make_drift_fn`` for ``impl``: :func:`conv_patches` where it resolves
+    to patches (the eNTK's backward passes through ResNet18 ran 2.8x faster
+    on CPU), None (the module's own convolution) otherwise."""
+    return conv_patches if resolve(impl, backend) == "patches" else None
 
 
 def _nhwc(dimension_numbers, ndim: int) -> bool:
@@ -63,17 +73,7 @@ def _pads(padding, lhs_shape, window, strides):
 def _patches_matmul(x, w, strides, padding, dil, precision):
     """The convolution as shifted slices of the padded input @ the kernel."""
     kh, kw, c, o = w.shape
-    (sh, sw), (dh, dw) = strides, dil
-    (pt, pb), (pl, pr) = padding
-    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    n, hp, wp, _ = x.shape
-    ho = (hp - (kh - 1) * dh - 1) // sh + 1
-    wo = (wp - (kw - 1) * dw - 1) // sw + 1
-    cols = [lax.slice(x, (0, i * dh, j * dw, 0),
-                      (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
-                      (1, sh, sw, 1))
-            for i in range(kh) for j in range(kw)]
-    patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+    patches = patches_2d(x, (kh, kw), strides, padding, dil)
     return lax.dot_general(patches, w.reshape(kh * kw * c, o), (((3,), (0,)), ((), ())),
                            precision=precision)
 

@@ -65,6 +65,12 @@ def _check_int(name, value, *, allow_none=True):
         raise ValueError(f"{name} must be a positive int or None; got {value!r}")
 
 
+def _check_conv(conv) -> None:
+    if conv is not None and not callable(conv):
+        raise TypeError(f"conv must be None or a drop-in for lax.conv_general_dilated; "
+                        f"got {type(conv).__name__}")
+
+
 def _check_options(f, trace, chunk_size, out_chunk_size, method, matmul_precision):
     if not callable(f):
         raise ValueError(f"f must be callable f(params, x) -> (n, h); got {type(f)}")
@@ -166,11 +172,11 @@ def auto_tile(n: int) -> int:
     return min(range(5, 13), key=lambda t: (-(-n // t) * t, abs(t - 8)))
 
 
-def _plan(f, params, x, *, trace=False, forms=None):
+def _plan(f, params, x, *, trace=False, forms=None, conv=None):
     plan = ntk_factors.discover(f, params, x[0], n_samples=x.shape[0], trace=trace,
                                 forms=forms)
     ntk_factors.check_forms(forms, plan)
-    return plan
+    return plan if conv is None else dataclasses.replace(plan, conv=conv)
 
 
 def _schedule(f, params, x1, x2, plan, *, kind, trace, forms, memory_budget,
@@ -232,7 +238,8 @@ def explain(report: dict) -> str:
 def empirical_ntk_fn(f: Callable, *, trace: bool = False, chunk_size: int | None = None,
                      out_chunk_size: int | None = None, method: str = "auto",
                      matmul_precision: str | None = "highest", forms=None,
-                     memory_budget: int | None = None) -> Callable:
+                     memory_budget: int | None = None, conv: Callable | None = None
+                     ) -> Callable:
     """Jitted ``ntk(params, x1, x2=None)`` for ``f(params, x) -> (n, h)``.
 
     Returns κ(x1_i, x2_j) = ∇_θ z_i ∇_θ z_jᵀ stacked as (n1, n2, h, h), or with
@@ -256,19 +263,25 @@ def empirical_ntk_fn(f: Callable, *, trace: bool = False, chunk_size: int | None
       that do not fit are made for output chunks and recomputed
       (:mod:`theory.ntk_budget`). In trace mode the held factors never
       exceed full mode's, budget or not.
+    conv: a drop-in for ``lax.conv_general_dilated`` that the structured
+      method's backward passes use in rule-covered ``nn.Conv`` calls (None:
+      the module's own), e.g. ``hpft_jax.convs.conv_patches``, whose
+      gradients are GEMMs: ResNet18's backward passes ran 2.8x faster with it
+      on this CPU (benchmarks/RESULTS.md). Same values to float tolerance.
 
     ``ntk.plan(params, x1, x2=None)`` returns the choices as a dict and
     ``ntk.explain(...)`` as text.
     """
     _check_options(f, trace, chunk_size, out_chunk_size, method, matmul_precision)
     _check_int("memory_budget", memory_budget)
+    _check_conv(conv)
 
     def core(params, x1, x2):
         with _precision(matmul_precision):
             _out_dim(f, params, x1)
             m = method
             if m in ("auto", "structured"):
-                plan = _plan(f, params, x1, trace=trace, forms=forms)
+                plan = _plan(f, params, x1, trace=trace, forms=forms, conv=conv)
                 if m == "auto" and plan.rule_fraction < 0.5:
                     m = "vjp_jvp"
             if m == "jacobian":
@@ -298,7 +311,7 @@ def empirical_ntk_fn(f: Callable, *, trace: bool = False, chunk_size: int | None
 
     def report(params, x1, x2=None):
         with _precision(matmul_precision):
-            plan = _plan(f, params, x1, trace=trace, forms=forms)
+            plan = _plan(f, params, x1, trace=trace, forms=forms, conv=conv)
             return describe(plan, structured_schedule(params, x1, x2, plan), x1.shape[0],
                             trace=trace)
 
@@ -365,7 +378,8 @@ def _bind(f: Callable, state) -> Callable:
 def make_drift_fn(f: Callable, x_probe, *, chunk_size: int | None = None,
                   out_chunk_size: int | None = None,
                   matmul_precision: str | None = "highest", forms=None,
-                  memory_budget: int | None = None) -> NTKDrift:
+                  memory_budget: int | None = None,
+                  conv: Callable | None = None) -> NTKDrift:
     """Drift functions for ``f(params, x) -> (N, h)`` on probes x_probe: (N, ...).
 
     Uses the structured factors (every leaf is covered; leaves without a layer
@@ -377,10 +391,11 @@ def make_drift_fn(f: Callable, x_probe, *, chunk_size: int | None = None,
     recomputed per output chunk (see :class:`NTKDrift`). A ``state``
     passed to the drift functions (BatchNorm statistics of each parameter
     set) is f's third argument, ``f(params, x, state)``, and is not
-    differentiated.
+    differentiated. conv: as in :func:`empirical_ntk_fn`.
     """
     _check_options(f, False, chunk_size, out_chunk_size, "structured", matmul_precision)
     _check_int("memory_budget", memory_budget)
+    _check_conv(conv)
     _check_x("x_probe", x_probe)
     x_probe = jnp.asarray(x_probe)
     tile = auto_tile(x_probe.shape[0]) if chunk_size is None else chunk_size
@@ -389,7 +404,7 @@ def make_drift_fn(f: Callable, x_probe, *, chunk_size: int | None = None,
         g = _bind(f, state)
         with _precision(matmul_precision):
             _out_dim(g, params, x_probe)
-            plan = _plan(g, params, x_probe, forms=forms)
+            plan = _plan(g, params, x_probe, forms=forms, conv=conv)
             return plan, _schedule(g, params, x_probe, None, plan, kind="drift",
                                    trace=False, forms=forms, memory_budget=memory_budget,
                                    chunk_size=chunk_size, tile=tile)

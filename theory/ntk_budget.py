@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from theory import ntk_contract
-from theory.ntk_factors import Factors, Plan, batch_factors
+from theory.ntk_factors import Factors, Plan, batch_factors, identity_patches
 
 RUNTIME_BYTES = 350 * 2**20   # Python + JAX + XLA before any work (measured ~0.3 GB)
 # Small buffers of the compiled program that the formulas below leave out
@@ -64,10 +64,11 @@ def unit_bytes(plan: Plan, itemsize: int = 4) -> dict:
     # (+ one unit row: J is concatenated from the per-layer Jacobians)
     trans = 3 * acts + 2 * sum(l.fan_in * l.features for l in plan.layers
                                if l.form == "jac") + unit
-    # each conv's patches come from a conv with an identity kernel (K_in², a
-    # constant of the program): ~0.36 GB for ResNet18 at full width
+    # a conv whose patches are not slices (input dilation, circular padding)
+    # gets them from a conv with an identity kernel, a K_in² constant of the
+    # program (all ResNet18 convs did: ~0.36 GB at full width)
     eyes = sum((l.fan_in - (l.bias is not None)) ** 2 for l in plan.layers
-               if l.kind == "conv")
+               if identity_patches(l))
     return {"unit": unit * itemsize, "sample": fixed * itemsize,
             "program": eyes * itemsize,
             "transient_unit": trans * itemsize,

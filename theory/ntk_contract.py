@@ -20,10 +20,34 @@ import numpy as np
 from theory.ntk_factors import Factors
 
 _HI = jax.lax.Precision.HIGHEST
+# Columns per matmul of a contraction over the explicit Jacobian's long axis.
+# ResNet18 traces (J of 50 samples x 15 outputs x 1.01M columns): one dot over
+# all 15M columns held a ~3.4 GB copy outside XLA:CPU's buffer assignment
+# and took 3.9-31 s; blocks of 2^14 columns took 2.0 s and 0.01 GB
+# (benchmarks/RESULTS.md, issue 15).
+COL_BLOCK = 1 << 14
 
 
 def _ein(spec, *ops):
     return jnp.einsum(spec, *ops, precision=_HI)
+
+
+def long_contract(spec: str, a, b, block: int | None = None):
+    """``einsum(spec, a, b)`` where both contract their last axis, in blocks
+    of ``block`` (default :data:`COL_BLOCK`) columns accumulated in a loop;
+    one einsum when the axis is shorter than two blocks."""
+    block = block or COL_BLOCK
+    x = a.shape[-1]
+    nb = x // block
+    if nb <= 1:
+        return _ein(spec, a, b)
+    cut = lambda t, i: jax.lax.dynamic_slice_in_dim(t, i * block, block, axis=t.ndim - 1)  # noqa: E731
+    out = jax.eval_shape(lambda: _ein(spec, a[..., :1], b[..., :1]))
+    acc = jax.lax.fori_loop(0, nb, lambda i, acc: acc + _ein(spec, cut(a, i), cut(b, i)),
+                            jnp.zeros(out.shape, out.dtype))
+    if nb * block < x:
+        acc = acc + _ein(spec, a[..., nb * block:], b[..., nb * block:])
+    return acc
 
 
 def pair_block(f1: Factors, f2: Factors, *, trace: bool, layout: str = "ijcd"):
@@ -53,9 +77,9 @@ def pair_block(f1: Factors, f2: Factors, *, trace: bool, layout: str = "ijcd"):
             else:
                 out = out + _ein("icpo,ijpdo->icjd", g1,
                                  _ein("ijpq,jdqo->ijpdo", m, g2))
-    if f1.J is not None:   # trace: one (t1, h·D) x (h·D, t2) matmul, no transposed copy
-        out = out + (_ein("iX,jX->ij", f1.J.reshape(t1, -1), f2.J.reshape(t2, -1)) if trace
-                     else _ein("icD,jdD->icjd", f1.J, f2.J))
+    if f1.J is not None:   # trace: (t1, h·D) x (h·D, t2) matmuls, no transposed copy
+        out = out + (long_contract("iX,jX->ij", f1.J.reshape(t1, -1), f2.J.reshape(t2, -1))
+                     if trace else long_contract("icD,jdD->icjd", f1.J, f2.J))
     if trace or layout == "icjd":
         return out
     return jnp.transpose(out, (0, 2, 1, 3))

@@ -73,6 +73,10 @@ class Plan:
     calls: tuple[tuple, ...]        # (path, type name, layer index or -1) per call
     fallback: tuple[int, ...]       # leaf indices covered by explicit Jacobians
     h: int
+    # drop-in for lax.conv_general_dilated in the factor pass's rule-covered
+    # nn.Conv calls (None: the module's own); changes how the backward passes
+    # run, not what they compute
+    conv: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def n_params(self) -> int:
@@ -288,24 +292,82 @@ class _FactorRun:
             raise RuntimeError(
                 f"f's layer calls changed between traces: expected {path} "
                 f"({tname}), got {tuple(ctx.module.path)}")
-        y = next_fun(*args, **kwargs)
         if li < 0:
-            return y
+            return next_fun(*args, **kwargs)
         layer = self.plan.layers[li]
-        if _layer_params(ctx.module).get("kernel") is not self.leaves[layer.kernel]:
+        v = _layer_params(ctx.module)
+        if v.get("kernel") is not self.leaves[layer.kernel]:
             raise RuntimeError(f"layer {path}: kernel is no longer a leaf of params")
         self.busy = True
         try:
+            if layer.kind == "conv" and self.plan.conv is not None:
+                mod = ctx.module.clone(parent=None, conv_general_dilated=self.plan.conv)
+                y = mod.apply({"params": v}, *args, **kwargs)
+            else:
+                y = next_fun(*args, **kwargs)
             self.inputs[li] = _layer_inputs(layer, args[0])
         finally:
             self.busy = False
         return y + self.deltas[li].astype(y.dtype)
 
 
+def patches_2d(x, kernel_hw, strides, pads, dilation) -> jax.Array:
+    """Conv patches (N, H', W', k_h·k_w·C) of NHWC ``x`` by strided slices of
+    the padded input, in the column order of an HWIO kernel's
+    ``reshape(-1, c_out)``: no FLOPs, unlike a conv with an identity kernel.
+    pads: ((top, bottom), (left, right))."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel_hw, strides, dilation
+    x = jnp.pad(x, ((0, 0),) + tuple(tuple(p) for p in pads) + ((0, 0),))
+    n, hp, wp, c = x.shape
+    ho = (hp - (kh - 1) * dh - 1) // sh + 1
+    wo = (wp - (kw - 1) * dw - 1) // sw + 1
+    cols = [jax.lax.slice(x, (0, i * dh, j * dw, 0),
+                          (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
+                          (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+    return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
+def _slice_args(mod, in_shape):
+    """(kernel_hw, strides, pads, dilation) for :func:`patches_2d` of a 2-D
+    ``nn.Conv`` call on NHWC inputs of ``in_shape``, or None where the call
+    needs the general path (input dilation, circular or causal padding, other
+    ranks)."""
+    ks = (mod.kernel_size,) if isinstance(mod.kernel_size, int) else tuple(mod.kernel_size)
+    if len(in_shape) != 4 or len(ks) != 2:
+        return None
+
+    def pair(v):
+        return (1, 1) if v is None else (v, v) if isinstance(v, int) else tuple(v)
+
+    strides, dil, lhs_dil = pair(mod.strides), pair(mod.kernel_dilation), pair(mod.input_dilation)
+    if lhs_dil != (1, 1):
+        return None
+    try:
+        pads = nn.linear.canonicalize_padding(mod.padding, 2)
+    except ValueError:
+        return None
+    if isinstance(pads, str):
+        if pads not in ("SAME", "SAME_LOWER", "VALID"):
+            return None
+        window = tuple((k - 1) * d + 1 for k, d in zip(ks, dil))
+        pads = jax.lax.padtype_to_pads(in_shape[1:3], window, strides, pads)
+    return ks, strides, tuple(tuple(p) for p in pads), dil
+
+
+def identity_patches(layer: Layer) -> bool:
+    """Whether a conv layer's patches need a conv with an identity kernel
+    (K_in² constant) instead of slices (:func:`patches_2d`)."""
+    return layer.kind == "conv" and _slice_args(layer.module, layer.in_shape) is None
+
+
 def _layer_inputs(layer: Layer, a) -> jax.Array:
     """(P, K) inputs a_p of one sample's layer call, ones column for the bias."""
     if layer.kind == "dense":
         rows = a.reshape(-1, a.shape[-1])
+    elif (sl := _slice_args(layer.module, a.shape)) is not None:
+        rows = patches_2d(a, *sl)
+        rows = rows.reshape(-1, rows.shape[-1])
     else:
         # Patches by the layer's own conv with an identity kernel: this reuses
         # its padding, strides and dilations exactly; column order matches

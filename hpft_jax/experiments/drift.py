@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpft_jax import errors, ft, parallel, prepare, steps, tasks
+from hpft_jax import convs, errors, ft, parallel, prepare, steps, tasks
 from hpft_jax.config import SweepConfig
 from hpft_jax.experiment import Experiment, sweep_field
 from hpft_jax.flags import option
@@ -269,7 +269,8 @@ def make_programs(model, ft_cfg, *, num_classes: int, num_train: int, x_probe, m
     # and ``from_factors`` recomputes output chunks of each state with its
     # own statistics. x_probe is an argument, not a constant of the programs.
     def drift_fn(xp):
-        return make_drift_fn(backbone_fn, xp, memory_budget=memory_budget)
+        return make_drift_fn(backbone_fn, xp, memory_budget=memory_budget,
+                             conv=convs.for_ntk(model.conv))
 
     factors = jax.jit(lambda p, s, xp: drift_fn(xp).factors(p, s))
     from_factors = jax.jit(lambda ft, fn, xp: drift_fn(xp).from_factors(ft, fn))
@@ -416,7 +417,8 @@ def check(cfg: DriftConfig, loaded: prepare.Loaded) -> None:
         f = lambda p, x, s: loaded.model.backbone.apply(  # noqa: E731
             steps.variables(p, s), x, train=False)
         x_probe = jnp.asarray(loaded.ds.train.x[idx])
-        make_drift_fn(f, x_probe, memory_budget=budget).plan(bb, stats)
+        make_drift_fn(f, x_probe, memory_budget=budget,
+                      conv=convs.for_ntk(loaded.model.conv)).plan(bb, stats)
 
 
 def run(cfg: DriftConfig, run: RunDir, loaded: prepare.Loaded, *, progress: bool = True,
