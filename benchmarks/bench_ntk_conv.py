@@ -13,6 +13,11 @@ inputs; traces under a 7 GB budget (headroom under the 8 GB target) for
 ``--resnet-probes`` probes, and the plan (FLOPs, schedule) for 50 probes
 with one drift probe under 8 GB.
 MACs are the cost model's (:mod:`theory.ntk_cost`); FLOPs = 2 × MACs.
+``resnet18:chunk`` times one output chunk of the trace schedule (factors,
+contraction) with its RSS growth against XLA's buffers, and projects the
+whole run (chunks × per chunk). ``--conv`` picks the convolutions of the
+backward passes (auto: GEMM gradients for stride-1 convs on CPU,
+:func:`hpft_jax.convs.for_ntk`).
 """
 
 from __future__ import annotations
@@ -70,14 +75,20 @@ def _resnet(n):
         v["params"], x
 
 
-def child(case: str, reps: int, outdir: str, resnet_probes: int) -> dict:
+def child(case: str, reps: int, outdir: str, resnet_probes: int, conv_impl: str = "auto") -> dict:
+    import functools
+
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from theory.ntk import empirical_ntk_fn, make_drift_fn
+    from hpft_jax import convs
+    from theory import ntk
 
-    res: dict = {"case": case, "load_start": os.getloadavg()}
+    conv = convs.for_ntk(conv_impl)   # GEMM-gradient backward passes on CPU (auto)
+    empirical_ntk_fn = functools.partial(ntk.empirical_ntk_fn, conv=conv)
+    make_drift_fn = functools.partial(ntk.make_drift_fn, conv=conv)
+    res: dict = {"case": case, "load_start": os.getloadavg(), "conv": convs.resolve(conv_impl)}
     name, _, budget = case.partition("@")
     budget = int(float(budget) * GB) if budget else None
     res["memory_budget"] = budget
@@ -109,9 +120,13 @@ def child(case: str, reps: int, outdir: str, resnet_probes: int) -> dict:
         res["plan"] = ntk.explain(params, x)
         res["macs"] = ntk.plan(params, x)["totals"]["structured_macs"]
         res["probes"] = resnet_probes
+        mem = ntk.lower(params, x).compile().memory_analysis()
+        res["xla_gb"] = (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / GB
         out, t = timed(lambda: ntk(params, x), 0)
         res.update(t)
         np.save(os.path.join(outdir, case.replace(":", "_") + ".npy"), np.asarray(out))
+    elif name == "resnet18:chunk":     # one output chunk of the trace schedule, in parts
+        res.update(_chunk(budget or 8 * GB, resnet_probes, conv, reps))
     elif name == "resnet18:drift":      # one drift probe between two parameter sets
         f, params, x = _resnet(resnet_probes)
         q = jax.tree.map(lambda a: a * 1.001, params)
@@ -141,6 +156,68 @@ def child(case: str, reps: int, outdir: str, resnet_probes: int) -> dict:
     return res
 
 
+def _chunk(budget, n, conv, reps):
+    """ResNet18 traces: one output chunk (the schedule's k under ``budget``):
+    its factors (forward, backward passes, patches, per-sample Jacobians) and
+    its contraction, each timed and with its RSS growth against XLA's buffers."""
+    import threading
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from theory import ntk_budget, ntk_contract
+    from theory.ntk import _plan, empirical_ntk_fn
+
+    f, params, x = _resnet(n)
+    sched = empirical_ntk_fn(f, trace=True, memory_budget=budget, conv=conv).plan(
+        params, x)["schedule"]
+    k, sc, tile = sched["k"], sched["sample_chunk"], sched["tile"]
+    plan = _plan(f, params, x, trace=True, conv=conv)
+    rows = jnp.eye(plan.h, dtype=jnp.float32)[:k]
+    hi = jax.default_matmul_precision("highest")
+
+    def facs(p, x):
+        with hi:
+            return ntk_budget._facs(plan, f, p, x, rows, sc)
+
+    def contract(fac):
+        with hi:
+            return ntk_contract.kernel(fac, None, trace=True,
+                                       chunk_size=None if tile >= n else tile)
+
+    peak = [0.0]
+
+    def rss():
+        with open("/proc/self/status") as fh:
+            return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS"))
+
+    def sample(stop):
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.05)
+
+    out = {"k": k, "chunks": sched["hp"] // k, "sample_chunk": sc, "tile": tile}
+    fac = None
+    for part, fn, args in (("factors", facs, (params, x)), ("contraction", contract, None)):
+        c = jax.jit(fn).lower(*(args or (fac,))).compile()
+        m = c.memory_analysis()
+        base, stop = rss(), threading.Event()
+        peak[0] = base
+        th = threading.Thread(target=sample, args=(stop,), daemon=True)
+        th.start()
+        r, t = timed(lambda: c(*(args or (fac,))), reps)
+        stop.set()
+        th.join()
+        xla = m.temp_size_in_bytes + m.output_size_in_bytes
+        out[part] = {**t, "xla_gb": xla / GB, "rss_growth_gb": (peak[0] - base) / GB,
+                     "outside_xla_gb": (peak[0] - base - xla) / GB}
+        fac = r if part == "factors" else fac
+    out["per_chunk_s"] = out["factors"]["median_s"] + out["contraction"]["median_s"]
+    out["projected_s"] = out["per_chunk_s"] * out["chunks"]
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case")
@@ -148,13 +225,15 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--resnet-probes", type=int, default=10)
     ap.add_argument("--outdir", default=None)
+    ap.add_argument("--conv", default="auto", choices=("auto", "lax", "patches"),
+                    help="convolutions of the eNTK's backward passes (hpft_jax.convs)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--vs-nt", action="store_true",
                     help="also run neural-tangents 0.6.5 on the small CNN in a side venv "
                          "(benchmarks/_ntside.py)")
     a = ap.parse_args(argv)
     if a.case:
-        print(json.dumps(child(a.case, a.reps, a.outdir, a.resnet_probes)))
+        print(json.dumps(child(a.case, a.reps, a.outdir, a.resnet_probes, a.conv)))
         return
     outdir = a.outdir or tempfile.mkdtemp(prefix="bench_ntk_conv_")
     os.makedirs(outdir, exist_ok=True)
@@ -162,7 +241,7 @@ def main(argv=None):
     for case in list(a.cases) + (["nt-cnn:full", "nt-cnn:trace"] if a.vs_nt else []):
         cmd = [sys.executable, "-m", "benchmarks.bench_ntk_conv", "--case", case,
                "--reps", str(a.reps), "--outdir", outdir,
-               "--resnet-probes", str(a.resnet_probes)]
+               "--resnet-probes", str(a.resnet_probes), "--conv", a.conv]
         p = subprocess.run(cmd, capture_output=True, text=True)
         r = (json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0
              else {"case": case, "error": p.stderr[-3000:]})

@@ -48,10 +48,21 @@ def resolve(impl: str, backend: str | None = None) -> str:
 
 def for_ntk(impl: str, backend: str | None = None):
     """The ``conv=`` argument of :func:`theory.ntk.empirical_ntk_fn` and
-    ``make_drift_fn`` for ``impl``: :func:`conv_patches` where it resolves
-    to patches (the eNTK's backward passes through ResNet18 ran 2.8x faster
-    on CPU), None (the module's own convolution) otherwise."""
-    return conv_patches if resolve(impl, backend) == "patches" else None
+    ``make_drift_fn`` for ``impl``: :func:`conv_stride1_patches` where it
+    resolves to patches, None (the module's own convolution) otherwise."""
+    return conv_stride1_patches if resolve(impl, backend) == "patches" else None
+
+
+def conv_stride1_patches(lhs, rhs, window_strides, padding, *args, **kwargs):
+    """:func:`conv_patches` for stride-1 convolutions, XLA's otherwise.
+
+    For the eNTK's backward passes (input gradients only) on CPU: through
+    ResNet18 (15 of 20 convs stride 1) they ran 2.8x faster than with XLA's
+    gradients; on strided convs the GEMM-and-pads input gradient was slower
+    and held the 9x patches (small CNN traces 9.2 s / 3.0 GB vs 8.1 s /
+    1.8 GB), so those keep XLA's (benchmarks/RESULTS.md, issue 15)."""
+    fn = conv_patches if tuple(window_strides) == (1, 1) else lax.conv_general_dilated
+    return fn(lhs, rhs, window_strides, padding, *args, **kwargs)
 
 
 def _nhwc(dimension_numbers, ndim: int) -> bool:
