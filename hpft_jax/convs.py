@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from theory.ntk_factors import patches_2d
+from theory.ntk_factors import conv_pads, patches_2d
 
 IMPLS = ("auto", "lax", "patches")
 
@@ -73,12 +73,6 @@ def _nhwc(dimension_numbers, ndim: int) -> bool:
     dn = lax.conv_dimension_numbers((1,) * 4, (1,) * 4, dimension_numbers)
     return (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == (
         (0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
-
-
-def _pads(padding, lhs_shape, window, strides):
-    if isinstance(padding, str):
-        return tuple(lax.padtype_to_pads(lhs_shape[1:3], window, strides, padding))
-    return tuple(tuple(p) for p in padding)
 
 
 def _patches_matmul(x, w, strides, padding, dil, precision):
@@ -151,7 +145,7 @@ def conv_patches(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=
     kh, kw = rhs.shape[:2]
     strides = tuple(window_strides)
     window = ((kh - 1) * rhs_dilation[0] + 1, (kw - 1) * rhs_dilation[1] + 1)
-    return _conv(lhs, rhs, strides, _pads(padding, lhs.shape, window, strides), rhs_dilation,
+    return _conv(lhs, rhs, strides, conv_pads(padding, lhs.shape, window, strides), rhs_dilation,
                  precision)
 
 

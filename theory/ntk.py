@@ -265,9 +265,10 @@ def empirical_ntk_fn(f: Callable, *, trace: bool = False, chunk_size: int | None
       exceed full mode's, budget or not.
     conv: a drop-in for ``lax.conv_general_dilated`` that the structured
       method's backward passes use in rule-covered ``nn.Conv`` calls (None:
-      the module's own), e.g. ``hpft_jax.convs.conv_patches``, whose
-      gradients are GEMMs: ResNet18's backward passes ran 2.8x faster with it
-      on this CPU (benchmarks/RESULTS.md). Same values to float tolerance.
+      the module's own), e.g. ``hpft_jax.convs.for_ntk("auto")``: GEMM
+      gradients for stride-1 convs on CPU, with which ResNet18's backward
+      passes ran 2.8x faster here (benchmarks/RESULTS.md). Same values to
+      float tolerance.
 
     ``ntk.plan(params, x1, x2=None)`` returns the choices as a dict and
     ``ntk.explain(...)`` as text.

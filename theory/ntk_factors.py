@@ -328,6 +328,15 @@ def patches_2d(x, kernel_hw, strides, pads, dilation) -> jax.Array:
     return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
 
 
+def conv_pads(padding, in_shape, window, strides) -> tuple:
+    """((top, bottom), (left, right)) for lax-style ``padding`` (a string or
+    pairs) of a 2-D conv on NHWC inputs of ``in_shape``; ``window`` is the
+    dilated kernel size."""
+    if isinstance(padding, str):
+        return tuple(jax.lax.padtype_to_pads(in_shape[1:3], window, strides, padding))
+    return tuple(tuple(p) for p in padding)
+
+
 def _slice_args(mod, in_shape):
     """(kernel_hw, strides, pads, dilation) for :func:`patches_2d` of a 2-D
     ``nn.Conv`` call on NHWC inputs of ``in_shape``, or None where the call
@@ -347,12 +356,10 @@ def _slice_args(mod, in_shape):
         pads = nn.linear.canonicalize_padding(mod.padding, 2)
     except ValueError:
         return None
-    if isinstance(pads, str):
-        if pads not in ("SAME", "SAME_LOWER", "VALID"):
-            return None
-        window = tuple((k - 1) * d + 1 for k, d in zip(ks, dil))
-        pads = jax.lax.padtype_to_pads(in_shape[1:3], window, strides, pads)
-    return ks, strides, tuple(tuple(p) for p in pads), dil
+    if isinstance(pads, str) and pads not in ("SAME", "SAME_LOWER", "VALID"):
+        return None
+    window = tuple((k - 1) * d + 1 for k, d in zip(ks, dil))
+    return ks, strides, conv_pads(pads, in_shape, window, strides), dil
 
 
 def identity_patches(layer: Layer) -> bool:
